@@ -1,0 +1,3 @@
+from polcore.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Command line: ``python -m polcore {simulate,train,ingest,bench,demo,analyze}``.
+
+Every subcommand prints progress and an elapsed-time total. Heavy modules are imported by the subcommand
+that needs them, so ``python -m polcore --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+DATA = Path("data")
+DEFAULT_DB = DATA / "polbench.duckdb"
+
+
+def _progress_printer(prefix: str):
+    def progress(done, total, message=""):
+        print(f"{prefix} [{done}/{total}] {message}", flush=True)
+
+    return progress
+
+
+def _cmd_simulate_library(args) -> int:
+    from polcore.simulate.library import PROFILES, build_library
+
+    cfg = PROFILES[args.profile]
+    print(f"simulating the '{args.profile}' library with abTEM: {cfg.n_configs} configurations x 3 base variants, "
+          f"thicknesses {cfg.thickness_nm} nm, {cfg.positions}x{cfg.positions} probe positions", flush=True)
+    t0 = time.perf_counter()
+    out = build_library(cfg, args.out, progress=_progress_printer("library"))
+    size = out.stat().st_size / 1e6
+    print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def _cmd_simulate_scan(args) -> int:
+    from polcore.simulate.composer import ScanComposerConfig, compose_scan, write_emd
+    from polcore.simulate.library import load_library
+
+    kw = dict(layout=args.layout, ny=args.ny, nx=args.nx, step_nm=args.step_nm, defects=args.defects,
+              dose=args.dose, blur_px=args.blur, background=args.background, descan_px=args.descan,
+              hot_pixels=args.hot_pixels, det_px=args.det_px, det_mrad_per_px=args.det_mrad,
+              calibrated=not args.no_calibration, seed=args.seed, wall=args.wall, roles=tuple(args.roles))
+    if args.thickness_range:
+        kw["thickness_range"] = tuple(args.thickness_range)
+    else:
+        kw["thickness_nm"] = args.thickness
+    cfg = ScanComposerConfig(**kw)
+    t0 = time.perf_counter()
+    lib = load_library(args.library)
+    truth, blocks = compose_scan(cfg, lib)
+    out = write_emd(args.out, truth, blocks, cfg)
+    print(f"wrote {out}: {cfg.ny}x{cfg.nx} positions, {cfg.det_px}x{cfg.det_px} px, layout {cfg.layout}, "
+          f"{int(truth['defect'].sum())} defect positions, cell period {truth['cell_px']:.2f} px "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_simulate_defaults(args) -> int:
+    from polcore.simulate.composer import build_default_scans
+
+    t0 = time.perf_counter()
+    paths = build_default_scans(args.out_dir, progress=_progress_printer("scans"))
+    print(f"{len(paths)} default scans in {args.out_dir} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m polcore", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="abTEM pattern library and scan composer")
+    simsub = sim.add_subparsers(dest="what", required=True)
+    lib = simsub.add_parser("library", help="simulate a pattern library with abTEM")
+    lib.add_argument("--profile", default="default", choices=["default", "paper", "tiny"])
+    lib.add_argument("--out", type=Path, default=None, help="output HDF5 (default data/library/knn_<profile>.h5)")
+    lib.set_defaults(func=_cmd_simulate_library)
+
+    sc = simsub.add_parser("scan", help="compose a scan with ground truth from the library")
+    sc.add_argument("--layout", default="stripes", choices=["single", "stripes", "checker", "random_domains"])
+    g = sc.add_mutually_exclusive_group()
+    g.add_argument("--thickness", type=float, default=20.0, help="constant thickness [nm]")
+    g.add_argument("--thickness-range", type=float, nargs=2, metavar=("LEFT", "RIGHT"),
+                   help="wedge along x [nm]")
+    sc.add_argument("--step-nm", type=float, default=None, help="probe step [nm] (default: lattice / 8)")
+    sc.add_argument("--ny", type=int, default=64)
+    sc.add_argument("--nx", type=int, default=64)
+    sc.add_argument("--defects", type=int, default=0, help="number of defect sites")
+    sc.add_argument("--dose", type=float, default=None, help="electrons per pattern (Poisson counts)")
+    sc.add_argument("--blur", type=float, default=0.0, help="detector blur sigma [px]")
+    sc.add_argument("--background", type=float, default=0.0, help="background, fraction of the mean pattern")
+    sc.add_argument("--descan", type=float, default=0.0, help="disc centre drift across the scan [px]")
+    sc.add_argument("--hot-pixels", type=int, default=0)
+    sc.add_argument("--det-px", type=int, default=64, help="output detector size [px]")
+    sc.add_argument("--det-mrad", type=float, default=None, help="output detector sampling [mrad/px]")
+    sc.add_argument("--no-calibration", action="store_true", help="omit the detector calibration")
+    sc.add_argument("--wall", default="90", choices=["90", "180"])
+    sc.add_argument("--roles", nargs="+", default=["test"], choices=["train", "val", "test"],
+                    help="library configurations to draw from")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--library", type=Path, default=None)
+    sc.add_argument("--out", type=Path, required=True)
+    sc.set_defaults(func=_cmd_simulate_scan)
+
+    dfl = simsub.add_parser("defaults", help="compose the default data sets (demo and benchmark rows)")
+    dfl.add_argument("--out-dir", type=Path, default=DATA / "scans")
+    dfl.set_defaults(func=_cmd_simulate_defaults)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,106 @@
+"""Shared types: the 8 projected polarization classes, angle helpers, scan metadata, filters.
+
+Conventions (see PHYSICS.md): 4D arrays are (scan_y, scan_x, ky, kx); x/kx run along columns (left to
+right), y/ky along rows (top to bottom, row 0 shown at the top). A polarization angle is counter-clockwise
+as seen on screen: ``angle = atan2(-P_y, P_x)`` with P in those x (right) / y (down) coordinates.
+Class ``k`` <-> angle ``45 deg * k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "CLASS_NAMES",
+    "N_CLASSES",
+    "ScanMeta",
+    "Filters",
+    "class_to_angle",
+    "angle_to_class",
+    "class_to_vector",
+    "vector_to_angle",
+    "circular_class_distance",
+    "polarization_angle",
+]
+
+#: Class names in index order; index k points at 45 deg * k counter-clockwise from +x.
+CLASS_NAMES: tuple[str, ...] = ("RM", "RU", "MU", "LU", "LM", "LD", "MD", "RD")
+N_CLASSES = len(CLASS_NAMES)
+
+
+def class_to_angle(k):
+    """Angle [deg] of class index ``k`` (int or int array), in [0, 360)."""
+    return (np.asarray(k) % N_CLASSES) * (360.0 / N_CLASSES)
+
+
+def angle_to_class(angle_deg):
+    """Nearest class index for an angle [deg] (any real value, scalar or array).
+
+    Angles exactly half-way between two classes go to the larger index modulo 8 (e.g. 22.5 -> 1).
+    """
+    a = np.mod(np.asarray(angle_deg, dtype=float), 360.0)
+    k = np.floor(a / (360.0 / N_CLASSES) + 0.5).astype(int) % N_CLASSES
+    return int(k) if np.ndim(k) == 0 else k
+
+
+def class_to_vector(k):
+    """Unit vector (cos, sin) of class ``k`` in the on-screen counter-clockwise frame; shape (..., 2)."""
+    a = np.deg2rad(class_to_angle(k))
+    return np.stack([np.cos(a), np.sin(a)], axis=-1)
+
+
+def vector_to_angle(v):
+    """Angle [deg] in [0, 360) of vectors (..., 2) given as (cos, sin) components."""
+    v = np.asarray(v, dtype=float)
+    return np.mod(np.rad2deg(np.arctan2(v[..., 1], v[..., 0])), 360.0)
+
+
+def polarization_angle(p_x: float, p_y: float) -> float:
+    """On-screen angle [deg] of a polarization with components along +x (right) and +y (down)."""
+    return math.degrees(math.atan2(-p_y, p_x)) % 360.0
+
+
+def circular_class_distance(a, b):
+    """Number of 45-degree steps between class indices (0..4), elementwise."""
+    d = np.abs(np.asarray(a) - np.asarray(b)) % N_CLASSES
+    return np.minimum(d, N_CLASSES - d)
+
+
+@dataclass(frozen=True)
+class ScanMeta:
+    """Calibration of a scan; every field may be unknown (None).
+
+    Attributes
+    ----------
+    step_nm : probe step [nm] (scan pixel size).
+    mrad_per_px : detector angular sampling [mrad/px].
+    voltage_kv : accelerating voltage [kV].
+    convergence_mrad : probe semi-angle [mrad].
+    rotation_deg, flip : scan-detector rotation [deg] and transpose flag (py4DSTEM QR_rotation/QR_flip).
+    source : short description of where the calibration came from.
+    extra : anything else the file says (JSON-serialisable).
+    """
+
+    step_nm: float | None = None
+    mrad_per_px: float | None = None
+    voltage_kv: float | None = None
+    convergence_mrad: float | None = None
+    rotation_deg: float | None = None
+    flip: bool | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Filters shared by queries and analyses.
+
+    thickness : (lo, hi) [nm], inclusive, or None for all.
+    region : (y0, y1, x0, x1) scan-pixel rectangle, inclusive bounds, or None for the whole scan.
+    """
+
+    thickness: tuple[float, float] | None = None
+    region: tuple[int, int, int, int] | None = None
