@@ -68,6 +68,79 @@ def _cmd_simulate_defaults(args) -> int:
     return 0
 
 
+def _fraction_printer(prefix: str):
+    state = {"last": -1.0}
+
+    def progress(fraction, message=""):
+        f = float(fraction)
+        if f - state["last"] >= 0.01 or f >= 1.0:
+            state["last"] = f
+            print(f"{prefix} {100 * f:5.1f}% {message}", flush=True)
+
+    return progress
+
+
+def _cmd_train(args) -> int:
+    from polcore.simulate import load_library
+    from polcore.train import train_profile
+
+    t0 = time.perf_counter()
+    lib = load_library(args.library)
+    out = args.out or DATA / "models" / args.profile
+    results = train_profile(args.profile, lib, out, progress=_fraction_printer("train"))
+    print(f"{len(results)} model(s) in {out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _cmd_ingest(args) -> int:
+    from polcore.bench import ingest_scan
+    from polcore.store import PredictionStore, queries
+
+    t0 = time.perf_counter()
+    scan_id = ingest_scan(args.scan, args.models, args.db, progress=_fraction_printer("ingest"), name=args.name,
+                          kind=args.kind, model_dir=args.model_dir)
+    runs = queries.list_runs(PredictionStore(args.db))
+    runs = runs[runs["scan_id"] == scan_id]
+    cols = [c for c in ("model_name", "n_patterns", "seconds", "patterns_per_s", "accuracy") if c in runs.columns]
+    print(runs[cols].to_string(index=False))
+    print(f"scan {scan_id} ingested into {args.db} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from polcore.bench import run_bench
+    from polcore.store import PredictionStore, queries
+
+    t0 = time.perf_counter()
+    run_bench(args.db)
+    table = queries.pivot_benchmark(queries.benchmark_table(PredictionStore(args.db)))
+    print(table.to_string())
+    print(f"(accuracy, mean +- std over seeds; {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from polcore.bench import build_demo
+
+    t0 = time.perf_counter()
+    summary = build_demo(args.db, profile=args.profile, progress=_fraction_printer("demo"))
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+    print(f"demo database {args.db} ready in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    import pandas as pd
+
+    from polcore.bench import analysis_report
+
+    df = analysis_report(args.db)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+        print(df.to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m polcore", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -109,6 +182,34 @@ def build_parser() -> argparse.ArgumentParser:
     dfl = simsub.add_parser("defaults", help="compose the default data sets (demo and benchmark rows)")
     dfl.add_argument("--out-dir", type=Path, default=DATA / "scans")
     dfl.set_defaults(func=_cmd_simulate_defaults)
+
+    tr = sub.add_parser("train", help="train a model profile on the pattern library")
+    tr.add_argument("--profile", default="quick", choices=["quick", "paper"])
+    tr.add_argument("--library", type=Path, default=None)
+    tr.add_argument("--out", type=Path, default=None, help="checkpoint folder (default data/models/<profile>)")
+    tr.set_defaults(func=_cmd_train)
+
+    ing = sub.add_parser("ingest", help="run models on a scan and store the predictions")
+    ing.add_argument("scan", type=Path)
+    ing.add_argument("--models", nargs="*", default=None, help="model names (default: all in --model-dir)")
+    ing.add_argument("--model-dir", type=Path, default=DATA / "models")
+    ing.add_argument("--db", type=Path, default=DEFAULT_DB)
+    ing.add_argument("--name", default=None)
+    ing.add_argument("--kind", default="experimental", choices=["synthetic", "pseudo_experimental", "experimental"])
+    ing.set_defaults(func=_cmd_ingest)
+
+    be = sub.add_parser("bench", help="the study's benchmark table from the stored runs")
+    be.add_argument("--db", type=Path, default=DEFAULT_DB)
+    be.set_defaults(func=_cmd_bench)
+
+    de = sub.add_parser("demo", help="build the demo database from the committed library (idempotent)")
+    de.add_argument("--db", type=Path, default=DEFAULT_DB)
+    de.add_argument("--profile", default="quick", choices=["quick", "paper"])
+    de.set_defaults(func=_cmd_demo)
+
+    an = sub.add_parser("analyze", help="periodic errors, defect ROC-AUC and domain gap per run")
+    an.add_argument("--db", type=Path, default=DEFAULT_DB)
+    an.set_defaults(func=_cmd_analyze)
     return p
 
 
@@ -119,6 +220,6 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
