@@ -193,32 +193,11 @@ def ingest_scan(path, model_names=None, db_path=DEFAULT_DB, *, progress=None, na
     return scan_id
 
 
-def _majority_rows(store) -> list[dict]:
-    """The majority-class baseline per data set (most frequent true class of the data set)."""
-    df = store.fetch_df(
-        """SELECT s.dataset, p.true_label, count(*) AS n FROM predictions p JOIN runs r USING (run_id)
-           JOIN scans s USING (scan_id) WHERE r.status = 'finished' AND p.true_label >= 0
-             AND r.run_id IN (SELECT min(run_id) FROM runs WHERE status = 'finished' GROUP BY scan_id)
-           GROUP BY s.dataset, p.true_label"""
-    )
-    rows = []
-    for ds, g in df.groupby("dataset"):
-        total = g["n"].sum()
-        top = int(g.loc[g["n"].idxmax(), "true_label"])
-        recall = [1.0 if k == top else (0.0 if k in set(g["true_label"]) else np.nan) for k in range(8)]
-        present = int(g["true_label"].nunique())
-        prec = g["n"].max() / total
-        f1_top = 2 * prec / (prec + 1)
-        rows.append(dict(model_name="majority-class", family="majority", head="-", dataset=ds,
-                         accuracy=float(g["n"].max() / total), macro_f1=float(f1_top / present),
-                         n=int(total), per_class_recall=recall, seed=None))
-    return rows
-
-
 def run_bench(db_path=DEFAULT_DB) -> pd.DataFrame:
     """Compute the benchmark rows from stored runs (every model x data set with ground truth) and store them.
 
-    Returns the tidy frame (one row per model x data set) including the majority-class baseline.
+    Returns the tidy frame (one row per model x data set); ``queries.benchmark_table`` adds the majority-class
+    baseline and the mean +- std over seeds.
     """
     from polcore.analysis import accuracy, macro_f1, per_class_recall
     from polcore.store import PredictionStore
@@ -244,8 +223,7 @@ def run_bench(db_path=DEFAULT_DB) -> pd.DataFrame:
         rows.append(dict(model_id=int(mid), model_name=name, family=fam, head=head, variant=var or "",
                          seed=None if pd.isna(seed) else int(seed), dataset=ds, accuracy=accuracy(yt, yp),
                          macro_f1=macro_f1(yt, yp), per_class_recall=list(per_class_recall(yt, yp)), n=len(p)))
-    rows += _majority_rows(store)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows)  # the majority-class row is derived from the labels by queries.benchmark_table
     if not df.empty:
         store.write_bench(df)
     return df
@@ -401,7 +379,7 @@ def analysis_report(db_path=DEFAULT_DB) -> pd.DataFrame:
         mask = np.zeros((ny, nx), bool)
         mask[m["iy"], m["ix"]] = m["is_defect"].fillna(False).to_numpy(bool)
         rows.append(dict(
-            model=r.model_name, scan=r.scan_name, accuracy=float(1 - np.nanmean(err)), error_period_px=per["period_px"],
+            model=r.model, scan=r.scan, accuracy=float(1 - np.nanmean(err)), error_period_px=per["period_px"],
             lattice_period_px=cell, angle_deg=per["angle_deg"], periodic_fraction=per["periodic_fraction"],
             defect_auc=defect_auc(irr, mask) if mask.any() else np.nan,
             domain_gap_auc=gap_by_model.get(r.model_id, np.nan),

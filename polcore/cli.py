@@ -101,7 +101,7 @@ def _cmd_ingest(args) -> int:
                           kind=args.kind, model_dir=args.model_dir)
     runs = queries.list_runs(PredictionStore(args.db))
     runs = runs[runs["scan_id"] == scan_id]
-    cols = [c for c in ("model_name", "n_patterns", "seconds", "patterns_per_s", "accuracy") if c in runs.columns]
+    cols = [c for c in ("model", "n_patterns", "seconds", "patterns_per_s", "device") if c in runs.columns]
     print(runs[cols].to_string(index=False))
     print(f"scan {scan_id} ingested into {args.db} ({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -55,6 +55,8 @@ def test_ru_survives_composer_file_and_reader(tiny_library, tmp_path):
     np.testing.assert_allclose(scan.pattern(2, 3), lib.patterns[v_ru, c_val, -1, 2 % N, 3 % N], rtol=1e-5, atol=1e-7)
     assert scan.meta.step_nm == pytest.approx(truth2["step_nm"])
     assert scan.meta.mrad_per_px == pytest.approx(lib.meta["mrad_per_px"], rel=1e-6)
+    assert scan.meta.voltage_kv == pytest.approx(200.0)
+    assert scan.meta.convergence_mrad == pytest.approx(lib.meta["convergence_mrad"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -73,7 +75,10 @@ def test_every_layout_writes_a_readable_file(tiny_library, tmp_path, layout):
     assert gt["defect"].any() and np.all(gt["label"][gt["defect"]] == -1)  # non-polar defects carry no class
     assert np.all(np.diff(gt["thickness_nm"], axis=1) >= 0)  # wedge along x
     _, batch = next(iter(scan.iter_batches(24)))
-    assert abs(float(batch.sum(axis=(1, 2)).mean()) / (2e4 * 1.05) - 1) < 0.1  # dose + background
+    hot = np.all(batch >= 4000, axis=0)  # hot pixels saturate in every frame
+    assert 1 <= hot.sum() <= 2
+    counts = batch[:, ~hot].sum(axis=1)
+    assert abs(float(counts.mean()) / (2e4 * 1.05) - 1) < 0.1  # dose + 5 % background
     composer = json.loads(truth["composer"])
     assert composer["layout"] == layout
 

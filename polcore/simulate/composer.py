@@ -349,10 +349,7 @@ def write_emd(path, truth: dict, blocks, cfg: ScanComposerConfig) -> Path:
         bundle.attrs["emd_group_type"] = "metadatabundle"
         _emd_meta(bundle, "calibration", dict(
             R_pixel_size=float(step), R_pixel_units="nm", Q_pixel_size=float(qsize), Q_pixel_units=qunits,
-            QR_rotation_degrees=0.0, QR_flip=False,
-        ))
-        _emd_meta(bundle, "microscope", dict(
-            accelerating_voltage=truth["meta"]["voltage_kv"] * 1e3,
+            QR_rotation_degrees=0.0, QR_flip=False, accelerating_voltage=truth["meta"]["voltage_kv"] * 1e3,
             convergence_semiangle_mrad=truth["meta"]["convergence_mrad"],
         ))
         for r0, block in blocks:
@@ -386,14 +383,14 @@ DEFAULT_SCANS: dict[str, tuple[str, str, ScanComposerConfig]] = {
     "syn_20nm_12x12cells": ("synthetic", "synthetic 20 nm, 12x12 cells (coarse step)",
                             ScanComposerConfig(layout="random_domains", thickness_nm=20, step_nm=4.74 / 64,
                                                n_domains=6, seed=6)),
-    "exp_wedge": ("pseudo_experimental", "experimental-like: wedge 15-45 nm, dose 2e4",
+    "exp_wedge": ("pseudo_experimental", "experimental-like: wedge 15-45 nm, dose 5e4",
                   ScanComposerConfig(layout="random_domains", thickness_range=(15, 45), step_nm=0.0455,
-                                     n_domains=5, defects=5, dose=2e4, blur_px=0.8, background=0.05,
+                                     n_domains=5, defects=5, dose=5e4, blur_px=0.8, background=0.05,
                                      descan_px=4, hot_pixels=3, det_px=96, det_mrad_per_px=0.95,
                                      calibrated=False, seed=7)),
-    "exp_stripes": ("pseudo_experimental", "experimental-like: 30 nm stripes, dose 5e3",
+    "exp_stripes": ("pseudo_experimental", "experimental-like: 30 nm stripes, dose 2e4",
                     ScanComposerConfig(layout="stripes", thickness_nm=30, wall="180", domain_cells=3,
-                                       step_nm=0.052, defects=4, dose=5e3, blur_px=1.0, background=0.1,
+                                       step_nm=0.052, defects=4, dose=2e4, blur_px=1.0, background=0.1,
                                        descan_px=3, hot_pixels=2, det_px=80, det_mrad_per_px=1.1, seed=8)),
 }
 
