@@ -48,7 +48,11 @@ def _noop(*_a, **_k):
 
 
 def model_name(meta: dict) -> str:
-    """Stable model name from checkpoint metadata: family[-arch]-head-s<seed>."""
+    """Stable model name from checkpoint metadata: the training run's name (e.g. ``resnet-resnet18-cls-s888``),
+    else family[:arch]-head-s<seed>."""
+    name = (meta.get("train_result") or {}).get("name")
+    if name:
+        return str(name)
     cfg = meta.get("train_config") or meta.get("config") or {}
     seed = cfg.get("seed", meta.get("seed"))
     arch = (meta.get("model_cfg") or {}).get("arch")

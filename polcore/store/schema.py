@@ -1,0 +1,207 @@
+"""DuckDB schema of the prediction store (version :data:`SCHEMA_VERSION`).
+
+Tables
+------
+``schema_version(version, applied_at)``
+    One row per schema version applied to the file.
+``scans``
+    One row per scan file, unique by the file's ``sha256``. ``kind`` is one of :data:`SCAN_KINDS`;
+    ``dataset`` is the benchmark row the scan belongs to (e.g. ``'synthetic 20 nm'``); ``ny, nx`` probe
+    positions, ``ky, kx`` detector pixels; ``step_nm`` probe step [nm]; ``thickness_nm`` nominal
+    thickness [nm] (NULL when unknown or varying); ``cell_px`` lattice period in scan pixels (NULL when
+    unknown); ``meta_json`` anything else (calibration, composer config) as JSON text; ``status`` one of
+    :data:`SCAN_STATUSES`.
+``models``
+    One row per trained model, unique by ``name``; ``config_json`` the full training config as JSON text,
+    ``library_sha256`` the pattern library it was trained on, ``train_seconds`` [s].
+``runs``
+    One row per (model, scan) inference run, unique by ``(model_id, scan_id)``. Written in the same
+    transaction as its predictions and set to ``status = 'finished'`` last; readers only ever see finished
+    runs. ``seconds`` inference wall time [s], ``patterns_per_s`` throughput.
+``predictions``
+    One row per probe position of a run, appended in ``(run_id, iy, ix)`` order so that DuckDB's zonemaps
+    prune per-run queries. ``pred`` class index 0..7 (``polcore.types``), ``confidence`` max probability,
+    ``probs`` FLOAT[8] class probabilities (NULL for heads without probabilities), ``true_label`` ground-truth
+    class (-1 = no label, as in the composer's files and ``polcore.analysis.metrics``), ``thickness_nm``
+    local thickness [nm], ``region`` composer region / domain id, ``is_defect`` ground-truth defect mask,
+    ``irregularity`` defect score. No index: per-run reads rely on the insertion order.
+``embeddings``
+    2-D embedding coordinates (``e1, e2``) of probe positions, one set per ``(model_id, method, space)``:
+    ``space = 'input'`` embeds preprocessed patterns (``model_id`` may be NULL: model independent),
+    ``space = 'features'`` a model's features. Several scans (synthetic and experimental) share one set, so
+    the Embeddings page shows them in one frame. Full feature vectors are not stored.
+``domain_gap``
+    Two-sample scores between the features of two scans for one model: ``auc`` (classifier two-sample test,
+    0.5 = indistinguishable) and ``mmd``; unique by ``(model_id, scan_a, scan_b)``.
+``bench``
+    The study's benchmark: one row per (model, dataset) with accuracy, macro-F1, per-class recall and the
+    number of patterns ``n``; unique by ``(model_name, dataset)``.
+``analysis_cache``
+    ``key -> value_json`` for results that are slow to compute (periodicity, UMAP parameters, ...).
+
+``id_counters(name, last_id)``
+    The last identifier handed out per table. Identifiers are taken from it inside the write transaction:
+    they are never reused after a delete or a ``replace`` (so caches keyed by id never serve stale rows),
+    and a rolled-back write consumes none.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SCAN_KINDS",
+    "SCAN_STATUSES",
+    "RUN_STATUSES",
+    "EMBEDDING_SPACES",
+    "TABLES",
+    "DDL",
+]
+
+#: Version of the layout below; stored in ``schema_version``.
+SCHEMA_VERSION = 1
+
+#: Valid ``scans.kind`` values.
+SCAN_KINDS: tuple[str, ...] = ("synthetic", "pseudo_experimental", "experimental")
+#: Valid ``scans.status`` values.
+SCAN_STATUSES: tuple[str, ...] = ("ready", "ingesting", "failed")
+#: Valid ``runs.status`` values ('running' is never visible outside its own transaction).
+RUN_STATUSES: tuple[str, ...] = ("running", "finished")
+#: Valid ``embeddings.space`` values.
+EMBEDDING_SPACES: tuple[str, ...] = ("input", "features")
+
+#: Tables in creation order (also the order used to dump or compare a store).
+TABLES: tuple[str, ...] = (
+    "schema_version",
+    "scans",
+    "models",
+    "runs",
+    "predictions",
+    "embeddings",
+    "domain_gap",
+    "bench",
+    "analysis_cache",
+    "id_counters",
+)
+
+
+def _in(values: tuple[str, ...]) -> str:
+    """SQL list literal of constant strings (schema constants only, never user input)."""
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"
+
+
+#: Idempotent DDL (``CREATE ... IF NOT EXISTS``), executed in one transaction by the store.
+DDL: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS schema_version (
+        version INTEGER NOT NULL,
+        applied_at TIMESTAMP NOT NULL
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS scans (
+        scan_id INTEGER PRIMARY KEY,
+        name VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL CHECK (kind IN {_in(SCAN_KINDS)}),
+        dataset VARCHAR,
+        source_file VARCHAR,
+        sha256 VARCHAR NOT NULL UNIQUE,
+        ny INTEGER NOT NULL CHECK (ny > 0),
+        nx INTEGER NOT NULL CHECK (nx > 0),
+        ky INTEGER CHECK (ky > 0),
+        kx INTEGER CHECK (kx > 0),
+        step_nm DOUBLE,
+        thickness_nm DOUBLE,
+        cell_px DOUBLE,
+        has_ground_truth BOOLEAN NOT NULL,
+        meta_json VARCHAR,
+        created_at TIMESTAMP NOT NULL,
+        status VARCHAR NOT NULL CHECK (status IN {_in(SCAN_STATUSES)})
+    )""",
+    """CREATE TABLE IF NOT EXISTS models (
+        model_id INTEGER PRIMARY KEY,
+        name VARCHAR NOT NULL UNIQUE,
+        family VARCHAR NOT NULL,
+        head VARCHAR NOT NULL,
+        variant VARCHAR NOT NULL,
+        seed INTEGER,
+        config_json VARCHAR,
+        checkpoint_path VARCHAR,
+        library_sha256 VARCHAR,
+        train_seconds DOUBLE,
+        n_params BIGINT,
+        created_at TIMESTAMP NOT NULL
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS runs (
+        run_id INTEGER PRIMARY KEY,
+        model_id INTEGER NOT NULL,
+        scan_id INTEGER NOT NULL,
+        started_at TIMESTAMP,
+        finished_at TIMESTAMP,
+        status VARCHAR NOT NULL CHECK (status IN {_in(RUN_STATUSES)}),
+        n_patterns BIGINT,
+        seconds DOUBLE,
+        patterns_per_s DOUBLE,
+        device VARCHAR,
+        config_json VARCHAR,
+        UNIQUE (model_id, scan_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS predictions (
+        run_id INTEGER NOT NULL,
+        iy SMALLINT NOT NULL,
+        ix SMALLINT NOT NULL,
+        pred TINYINT NOT NULL,
+        confidence FLOAT,
+        probs FLOAT[8],
+        true_label TINYINT NOT NULL,
+        thickness_nm FLOAT,
+        region SMALLINT,
+        is_defect BOOLEAN,
+        irregularity FLOAT
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS embeddings (
+        model_id INTEGER,
+        method VARCHAR NOT NULL,
+        space VARCHAR NOT NULL CHECK (space IN {_in(EMBEDDING_SPACES)}),
+        scan_id INTEGER NOT NULL,
+        iy SMALLINT NOT NULL,
+        ix SMALLINT NOT NULL,
+        e1 FLOAT NOT NULL,
+        e2 FLOAT NOT NULL,
+        true_label TINYINT,
+        thickness_nm FLOAT,
+        created_at TIMESTAMP NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS domain_gap (
+        model_id INTEGER NOT NULL,
+        scan_a INTEGER NOT NULL,
+        scan_b INTEGER NOT NULL,
+        auc DOUBLE NOT NULL,
+        mmd DOUBLE,
+        n_a BIGINT,
+        n_b BIGINT,
+        created_at TIMESTAMP NOT NULL,
+        UNIQUE (model_id, scan_a, scan_b)
+    )""",
+    """CREATE TABLE IF NOT EXISTS bench (
+        bench_id INTEGER PRIMARY KEY,
+        model_id INTEGER,
+        model_name VARCHAR NOT NULL,
+        family VARCHAR NOT NULL,
+        head VARCHAR NOT NULL,
+        variant VARCHAR NOT NULL,
+        seed INTEGER,
+        dataset VARCHAR NOT NULL,
+        accuracy DOUBLE,
+        macro_f1 DOUBLE,
+        per_class_recall FLOAT[8],
+        n BIGINT,
+        created_at TIMESTAMP NOT NULL,
+        UNIQUE (model_name, dataset)
+    )""",
+    """CREATE TABLE IF NOT EXISTS analysis_cache (
+        key VARCHAR PRIMARY KEY,
+        value_json VARCHAR NOT NULL,
+        created_at TIMESTAMP NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS id_counters (
+        name VARCHAR PRIMARY KEY,
+        last_id BIGINT NOT NULL
+    )""",
+)

@@ -1,0 +1,1182 @@
+"""PredictionStore: the only owner of the DuckDB file that holds scans, models, runs and predictions.
+
+Lock design
+-----------
+DuckDB locks the database file per *process*: one process may open it read-write, and while it does no other
+process can open it at all; several processes may open it read-only at once, but any of them blocks a writer.
+Within one process, connections must all use the same mode. So that the dashboard (a long-running process
+with many threads) and the CLI (``python -m polcore ingest/bench/demo``, another process) can share one file:
+
+* **No process keeps a connection open.** Every operation opens a short-lived connection with
+  :meth:`PredictionStore.connect` and closes it when done (a read takes about 0.01-0.1 s, connection
+  included). The store object itself holds no connection, so it is cheap to create and safe to cache
+  (``st.cache_resource``) and to share between threads.
+* **Readers open read-only**, so any number of them, in any number of processes, run side by side.
+* **Writers hold the write lock only for one transaction** (:meth:`PredictionStore.transaction`): a whole
+  run (tens of thousands of rows) is written in well under a second, then the connection is closed and the
+  file is free again. A long ingest therefore interleaves with the dashboard's reads instead of blocking it.
+* **Both retry with backoff.** A lock conflict (``duckdb.IOException: Could not set lock ...``) is retried
+  with exponential backoff plus jitter (20 ms doubling to 0.5 s) until ``lock_timeout`` (10 s by default)
+  has passed, then :class:`StoreBusyError` is raised with a message that says what holds the file.
+* **Inside one process**, a readers-writer lock per database file serialises writers against readers, because
+  DuckDB refuses to open a read-write connection next to a read-only one in the same process. It prefers
+  writers (new readers wait while a writer waits) and shares the same ``lock_timeout``.
+
+A run is written in one transaction: its ``runs`` row is inserted with ``status = 'running'``, the
+predictions are bulk-inserted from an Arrow table (``INSERT ... SELECT``, never ``executemany``), and the row
+is set to ``'finished'`` last. An exception or a killed process before ``COMMIT`` leaves the store exactly as
+it was (DuckDB writes nothing to its WAL before commit; blocks written optimistically are freed).
+
+Every SQL statement goes through :class:`StoreConnection`, which binds values as ``?`` parameters and
+re-raises DuckDB errors as :class:`StoreError` carrying the SQL. This module imports neither torch nor
+streamlit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from polcore.store.schema import DDL, EMBEDDING_SPACES, SCAN_KINDS, SCAN_STATUSES, SCHEMA_VERSION, TABLES
+from polcore.types import N_CLASSES
+
+__all__ = [
+    "PredictionStore",
+    "StoreConnection",
+    "StoreError",
+    "StoreBusyError",
+    "StoreNotFoundError",
+    "PREDICTION_COLUMNS",
+]
+
+log = logging.getLogger(__name__)
+
+#: Columns accepted by :meth:`PredictionStore.write_run` (``iy``, ``ix`` and ``pred`` are required unless
+#: the input is a dict of (ny, nx) maps, which implies the positions).
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "iy",
+    "ix",
+    "pred",
+    "confidence",
+    "probs",
+    "true_label",
+    "thickness_nm",
+    "region",
+    "is_defect",
+    "irregularity",
+)
+
+_LOCK_PATTERNS = ("could not set lock", "conflicting lock", "different configuration")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SMALLINT_MAX = 32767
+
+
+class StoreError(RuntimeError):
+    """A store operation failed; ``sql`` holds the statement when DuckDB raised it."""
+
+    def __init__(self, message: str, *, sql: str | None = None):
+        super().__init__(message)
+        self.sql = sql
+
+
+class StoreBusyError(StoreError):
+    """The database file stayed locked by another process (or thread) for longer than ``lock_timeout``."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """The database file does not exist (read-only access never creates it)."""
+
+
+def _now() -> datetime:
+    """Current UTC time as a naive datetime (stored in TIMESTAMP columns)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _json_default(obj: Any) -> Any:
+    """Make numpy values, paths and dataclasses JSON-serialisable."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def _to_json(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, default=_json_default, sort_keys=True, allow_nan=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# in-process readers-writer lock (DuckDB refuses mixed read-only / read-write connections in one process)
+
+
+class _RWLock:
+    """Writer-preferring readers-writer lock with timeouts."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    def acquire(self, write: bool, timeout: float) -> bool:
+        with self._cond:
+            if write:
+                self._writers_waiting += 1
+                try:
+                    ok = self._cond.wait_for(lambda: not self._writer and self._readers == 0, timeout)
+                finally:
+                    self._writers_waiting -= 1
+                if ok:
+                    self._writer = True
+                else:
+                    self._cond.notify_all()
+                return ok
+            ok = self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0, timeout)
+            if ok:
+                self._readers += 1
+            return ok
+
+    def release(self, write: bool) -> None:
+        with self._cond:
+            if write:
+                self._writer = False
+            else:
+                self._readers -= 1
+            self._cond.notify_all()
+
+
+_LOCKS: dict[str, _RWLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _process_lock(path: Path) -> _RWLock:
+    key = str(path)
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = _RWLock()
+        return lock
+
+
+def _is_lock_conflict(err: Exception) -> bool:
+    msg = str(err).lower()
+    return any(p in msg for p in _LOCK_PATTERNS)
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+class StoreConnection:
+    """A short-lived DuckDB connection; every statement's error is re-raised as :class:`StoreError`.
+
+    Obtained from :meth:`PredictionStore.connect` or :meth:`PredictionStore.transaction`; do not keep it
+    beyond the ``with`` block. ``raw`` is the underlying ``duckdb.DuckDBPyConnection``.
+    """
+
+    def __init__(self, raw: duckdb.DuckDBPyConnection, path: Path, read_only: bool):
+        self.raw = raw
+        self.path = path
+        self.read_only = read_only
+
+    def _fail(self, err: Exception, sql: str) -> StoreError:
+        return StoreError(f"{type(err).__name__}: {err}\n  in SQL: {' '.join(sql.split())}", sql=sql)
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        """Execute one statement with ``?`` parameters and run it to completion (results are discarded)."""
+        try:
+            self.raw.execute(sql, params)
+            self.raw.complete()
+        except duckdb.Error as err:
+            raise self._fail(err, sql) from err
+
+    def fetchall(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
+        """All rows of a query as tuples."""
+        try:
+            return self.raw.execute(sql, params).fetchall()
+        except duckdb.Error as err:
+            raise self._fail(err, sql) from err
+
+    def fetchone(self, sql: str, params: Sequence[Any] | None = None) -> tuple | None:
+        """First row of a (small) query, or None; the result is read to its end."""
+        rows = self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        """First column of the first row (None when there is no row)."""
+        row = self.fetchone(sql, params)
+        return None if row is None else row[0]
+
+    def df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Query result as a pandas DataFrame."""
+        try:
+            return self.raw.execute(sql, params).df()
+        except duckdb.Error as err:
+            raise self._fail(err, sql) from err
+
+    def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        """Query result as a pyarrow Table (no per-row Python objects: fastest for large results)."""
+        try:
+            return self.raw.sql(sql, params=params).to_arrow_table()
+        except duckdb.Error as err:
+            raise self._fail(err, sql) from err
+
+    def register(self, name: str, table: pa.Table | pd.DataFrame) -> None:
+        """Expose an Arrow table / DataFrame as a view named ``name`` for ``INSERT ... SELECT``."""
+        self.raw.register(name, table)
+
+    def unregister(self, name: str) -> None:
+        self.raw.unregister(name)
+
+
+class PredictionStore:
+    """The DuckDB prediction store (see the module docstring for the lock design).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Database file. Created (with its parent folder and the schema) on construction unless
+        ``read_only``.
+    read_only : bool
+        Only read; write methods raise :class:`StoreError`. The file is not touched on construction: use
+        :meth:`exists` before reading; reading a missing file raises :class:`StoreNotFoundError`.
+    lock_timeout : float
+        Seconds to keep retrying while another process (or thread) holds a conflicting lock, then
+        :class:`StoreBusyError`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, read_only: bool = False, lock_timeout: float = 10.0):
+        if str(path) in ("", ":memory:"):
+            raise ValueError(
+                "PredictionStore needs a database file path (in-memory databases are not supported)"
+            )
+        if not (lock_timeout >= 0 and math.isfinite(lock_timeout)):
+            raise ValueError(f"lock_timeout must be a finite number of seconds >= 0, got {lock_timeout!r}")
+        self.path = Path(path).expanduser().resolve()
+        self.read_only = bool(read_only)
+        self.lock_timeout = float(lock_timeout)
+        self._jitter = random.Random(os.getpid())
+        self._schema_ok = False
+        if not self.read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._ensure_schema()
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.read_only else "read-write"
+        return f"PredictionStore({str(self.path)!r}, {mode})"
+
+    # ---------------------------------------------------------------------------------------- connections
+
+    def exists(self) -> bool:
+        """True when the file exists and holds a polbench schema (False for a missing or foreign file).
+
+        A store of another schema version exists too (reading it then raises :class:`StoreError`).
+        """
+        if not self.path.is_file():
+            return False
+        try:
+            with self._connect(True, check_schema=False) as con:
+                return con.scalar("SELECT count(*) FROM schema_version") > 0
+        except StoreBusyError:
+            return True  # a writer holds it: it exists
+        except StoreError:
+            return False
+
+    def _open(self, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
+        """Open a connection, retrying lock conflicts with backoff until ``deadline`` (monotonic)."""
+        delay = 0.02
+        attempts = 0
+        while True:
+            if read_only and not self.path.is_file():
+                raise StoreNotFoundError(
+                    f"no prediction store at {self.path}: build one with `python -m polcore demo` or "
+                    f"`python -m polcore ingest ... --db {self.path}`"
+                )
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.Error as err:
+                if read_only and "does not exist" in str(err):
+                    continue  # removed between the check and the open: reported above
+                if not _is_lock_conflict(err):
+                    raise StoreError(f"cannot open {self.path}: {type(err).__name__}: {err}") from err
+                attempts += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreBusyError(
+                        f"prediction store {self.path} stayed locked for {self.lock_timeout:.1f} s "
+                        f"({attempts} attempts to open it {'read-only' if read_only else 'for writing'}). "
+                        "DuckDB lets one process write at a time and a writer excludes readers; polbench "
+                        "holds the file only briefly, so retry, or stop the other program (a `python -m "
+                        f"polcore` command or another dashboard) if it is stuck. DuckDB said: {err}"
+                    ) from err
+                log.debug("store %s locked (%s); retry in %.3f s", self.path, err, delay)
+                time.sleep(min(delay * (0.5 + self._jitter.random()), remaining))
+                delay = min(delay * 2.0, 0.5)
+
+    def connect(self, read_only: bool = True) -> AbstractContextManager[StoreConnection]:
+        """Short-lived connection (closed on exit), opened with the lock retry described above.
+
+        Parameters
+        ----------
+        read_only : bool
+            Open read-only (the default; many readers may run at once) or read-write (exclusive: prefer
+            :meth:`transaction`). The first read-only connection checks the schema version.
+        """
+        return self._connect(read_only, check_schema=True)
+
+    @contextmanager
+    def _connect(self, read_only: bool, *, check_schema: bool) -> Iterator[StoreConnection]:
+        if not read_only and self.read_only:
+            raise StoreError(f"{self!r} was opened read-only: cannot open a read-write connection")
+        deadline = time.monotonic() + self.lock_timeout
+        lock = _process_lock(self.path)
+        if not lock.acquire(not read_only, self.lock_timeout):
+            raise StoreBusyError(
+                f"prediction store {self.path} stayed locked by another thread of this process for "
+                f"{self.lock_timeout:.1f} s (a long write, or a connection nested inside another one)"
+            )
+        try:
+            raw = self._open(read_only, deadline)
+            try:
+                con = StoreConnection(raw, self.path, read_only)
+                if read_only and check_schema and not self._schema_ok:
+                    self._check_schema(con)
+                yield con
+            finally:
+                raw.close()
+        finally:
+            lock.release(not read_only)
+
+    @contextmanager
+    def transaction(self) -> Iterator[StoreConnection]:
+        """Read-write connection inside ``BEGIN ... COMMIT``; any exception rolls back and re-raises."""
+        with self.connect(read_only=False) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                try:
+                    con.raw.rollback()
+                except duckdb.Error as err:  # the exception being raised matters more
+                    log.warning("rollback failed on %s: %s", self.path, err)
+                raise
+            else:
+                con.execute("COMMIT")
+
+    def fetch_df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run one read query on a short-lived read-only connection; result as a DataFrame."""
+        with self.connect(read_only=True) as con:
+            return con.df(sql, params)
+
+    # ------------------------------------------------------------------------------------------- schema
+
+    def _ensure_schema(self) -> None:
+        with self.transaction() as con:
+            for stmt in DDL:
+                con.execute(stmt)
+            version = con.scalar("SELECT max(version) FROM schema_version")
+            if version is None:
+                con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, _now()])
+                log.info("created prediction store %s (schema version %d)", self.path, SCHEMA_VERSION)
+            else:
+                self._check_version(version)
+        self._schema_ok = True
+
+    def _check_version(self, version: int | None) -> None:
+        if version is None:
+            raise StoreError(f"{self.path} is not a polbench prediction store (schema_version is empty)")
+        if version != SCHEMA_VERSION:
+            newer = "a newer" if version > SCHEMA_VERSION else "an older"
+            raise StoreError(
+                f"{self.path} has schema version {version}, written by {newer} polbench; this one reads "
+                f"version {SCHEMA_VERSION}. Rebuild it (`python -m polcore demo`) or use the matching "
+                "polbench."
+            )
+
+    def _check_schema(self, con: StoreConnection) -> None:
+        try:
+            version = con.raw.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
+        except duckdb.CatalogException as err:
+            raise StoreError(
+                f"{self.path} is not a polbench prediction store (no schema_version table)"
+            ) from err
+        self._check_version(version)
+        self._schema_ok = True
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self!r} was opened read-only: writes are not allowed")
+
+    @staticmethod
+    def _next_id(con: StoreConnection, table: str, n: int = 1) -> int:
+        """First of ``n`` fresh ids for ``table`` (never reused; rolled back with the transaction)."""
+        con.execute("INSERT INTO id_counters VALUES (?, 0) ON CONFLICT DO NOTHING", [table])
+        last = con.scalar(
+            "UPDATE id_counters SET last_id = last_id + ? WHERE name = ? RETURNING last_id", [n, table]
+        )
+        return int(last) - n + 1
+
+    def counts(self) -> dict[str, int]:
+        """Number of rows of every table (a cheap summary for the CLI and tests)."""
+        with self.connect(read_only=True) as con:
+            return {t: int(con.scalar(f"SELECT count(*) FROM {t}")) for t in TABLES}
+
+    # ------------------------------------------------------------------------------------- scans, models
+
+    def add_scan(
+        self,
+        *,
+        name: str,
+        kind: str,
+        sha256: str,
+        ny: int,
+        nx: int,
+        ky: int | None = None,
+        kx: int | None = None,
+        dataset: str | None = None,
+        source_file: str | os.PathLike | None = None,
+        step_nm: float | None = None,
+        thickness_nm: float | None = None,
+        cell_px: float | None = None,
+        has_ground_truth: bool = False,
+        meta: Mapping[str, Any] | None = None,
+        status: str = "ready",
+    ) -> int:
+        """Register a scan; idempotent by ``sha256`` (returns the existing ``scan_id`` unchanged).
+
+        Parameters
+        ----------
+        name : str
+            Display name.
+        kind : {'synthetic', 'pseudo_experimental', 'experimental'}
+        sha256 : str
+            Hex SHA-256 of the scan file (``polcore.io.sha256_file``), 64 characters.
+        ny, nx : int
+            Probe positions (scan rows, columns).
+        ky, kx : int, optional
+            Detector pixels.
+        dataset : str, optional
+            Benchmark row the scan belongs to, e.g. ``'synthetic 20 nm'``.
+        source_file : path, optional
+        step_nm : float, optional
+            Probe step [nm].
+        thickness_nm : float, optional
+            Nominal thickness [nm]; None when unknown or varying.
+        cell_px : float, optional
+            Lattice period in scan pixels.
+        has_ground_truth : bool
+        meta : mapping, optional
+            Anything else (calibration, composer config); stored as JSON.
+        status : {'ready', 'ingesting', 'failed'}
+
+        Returns
+        -------
+        int
+            scan_id.
+        """
+        self._require_writable()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if kind not in SCAN_KINDS:
+            raise ValueError(f"kind must be one of {SCAN_KINDS}, got {kind!r}")
+        if status not in SCAN_STATUSES:
+            raise ValueError(f"status must be one of {SCAN_STATUSES}, got {status!r}")
+        sha = str(sha256).lower()
+        if not _SHA256_RE.match(sha):
+            raise ValueError(f"sha256 must be 64 hex characters (polcore.io.sha256_file), got {sha256!r}")
+        dims = {"ny": ny, "nx": nx, "ky": ky, "kx": kx}
+        for key, value in dims.items():
+            if value is None and key in ("ky", "kx"):
+                continue
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if ny > _SMALLINT_MAX or nx > _SMALLINT_MAX:
+            raise ValueError(f"scans up to {_SMALLINT_MAX} positions per axis are supported, got {ny}x{nx}")
+        for key, value in {"step_nm": step_nm, "thickness_nm": thickness_nm, "cell_px": cell_px}.items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a positive number or None, got {value!r}")
+        with self.transaction() as con:
+            existing = con.scalar("SELECT scan_id FROM scans WHERE sha256 = ?", [sha])
+            if existing is not None:
+                log.info("scan %r already stored as scan_id %d (same sha256)", name, existing)
+                return int(existing)
+            scan_id = self._next_id(con, "scans")
+            con.execute(
+                "INSERT INTO scans (scan_id, name, kind, dataset, source_file, sha256, ny, nx, ky, kx, "
+                "step_nm, "
+                "thickness_nm, cell_px, has_ground_truth, meta_json, created_at, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    scan_id,
+                    name,
+                    kind,
+                    dataset,
+                    None if source_file is None else str(source_file),
+                    sha,
+                    int(ny),
+                    int(nx),
+                    None if ky is None else int(ky),
+                    None if kx is None else int(kx),
+                    None if step_nm is None else float(step_nm),
+                    None if thickness_nm is None else float(thickness_nm),
+                    None if cell_px is None else float(cell_px),
+                    bool(has_ground_truth),
+                    _to_json(dict(meta) if meta else None),
+                    _now(),
+                    status,
+                ],
+            )
+        log.info("stored scan %r as scan_id %d", name, scan_id)
+        return scan_id
+
+    def add_model(
+        self,
+        *,
+        name: str,
+        family: str,
+        head: str,
+        variant: str = "",
+        seed: int | None = None,
+        config: Mapping[str, Any] | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        library_sha256: str | None = None,
+        train_seconds: float | None = None,
+        n_params: int | None = None,
+    ) -> int:
+        """Register a trained model; idempotent by ``name`` (returns the existing ``model_id`` unchanged).
+
+        Parameters
+        ----------
+        name : str
+            Unique name, e.g. ``'resnet-cls-s0'``.
+        family, head : str
+            Model family (custom_cnn, resnet, vgg, pca_knn, ...) and head (cls, reg, proto, ...).
+        variant : str
+            Training variant (augmentation, CoM filter, ...), '' for the default.
+        seed : int, optional
+        config : mapping, optional
+            Full training configuration, stored as JSON.
+        checkpoint_path : path, optional
+        library_sha256 : str, optional
+            Hash of the pattern library the model was trained on.
+        train_seconds : float, optional
+            Training wall time [s].
+        n_params : int, optional
+
+        Returns
+        -------
+        int
+            model_id.
+        """
+        self._require_writable()
+        for key, value in {"name": name, "family": family, "head": head}.items():
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{key} must be a non-empty string, got {value!r}")
+        if not isinstance(variant, str):
+            raise ValueError(f"variant must be a string ('' for the default), got {variant!r}")
+        if train_seconds is not None and not (math.isfinite(train_seconds) and train_seconds >= 0):
+            raise ValueError(f"train_seconds must be a number >= 0 or None, got {train_seconds!r}")
+        with self.transaction() as con:
+            existing = con.scalar("SELECT model_id FROM models WHERE name = ?", [name])
+            if existing is not None:
+                log.info("model %r already stored as model_id %d", name, existing)
+                return int(existing)
+            model_id = self._next_id(con, "models")
+            con.execute(
+                "INSERT INTO models (model_id, name, family, head, variant, seed, config_json, "
+                "checkpoint_path, "
+                "library_sha256, train_seconds, n_params, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                "?, ?)",
+                [
+                    model_id,
+                    name,
+                    family,
+                    head,
+                    variant,
+                    None if seed is None else int(seed),
+                    _to_json(dict(config) if config else None),
+                    None if checkpoint_path is None else str(checkpoint_path),
+                    library_sha256,
+                    None if train_seconds is None else float(train_seconds),
+                    None if n_params is None else int(n_params),
+                    _now(),
+                ],
+            )
+        log.info("stored model %r as model_id %d", name, model_id)
+        return model_id
+
+    # --------------------------------------------------------------------------------------------- runs
+
+    def find_run(self, model_id: int, scan_id: int) -> int | None:
+        """run_id of the finished run of ``model_id`` on ``scan_id``, or None."""
+        with self.connect(read_only=True) as con:
+            rid = con.scalar(
+                "SELECT run_id FROM runs WHERE model_id = ? AND scan_id = ? AND status = 'finished'",
+                [int(model_id), int(scan_id)],
+            )
+        return None if rid is None else int(rid)
+
+    def has_run(self, model_id: int, scan_id: int) -> bool:
+        """Whether a finished run of ``model_id`` on ``scan_id`` is stored (check before predicting)."""
+        return self.find_run(model_id, scan_id) is not None
+
+    def write_run(
+        self,
+        model_id: int,
+        scan_id: int,
+        predictions: pd.DataFrame | Mapping[str, Any],
+        *,
+        seconds: float,
+        device: str,
+        config: Mapping[str, Any] | None = None,
+        replace: bool = False,
+    ) -> int:
+        """Store one run's per-position predictions in a single transaction.
+
+        Parameters
+        ----------
+        model_id, scan_id : int
+            Existing model and scan.
+        predictions : DataFrame or dict of arrays
+            Columns from :data:`PREDICTION_COLUMNS`, one row per probe position: ``iy``, ``ix`` (int, scan
+            row/column), ``pred`` (int class 0..7) required; ``probs`` (n, 8) float (a DataFrame column of
+            length-8 sequences, or a 2-D array in a dict), ``confidence`` (n,) (default: max of ``probs``),
+            ``true_label`` (n,) int (-1 or NaN = no label; default -1), ``thickness_nm`` (n,) [nm],
+            ``region`` (n,) int, ``is_defect`` (n,) bool, ``irregularity`` (n,) float (NaN/None = unknown).
+            A dict without ``iy``/``ix`` may hold (ny, nx) maps (``probs`` (ny, nx, 8)) in raster order,
+            e.g. the arrays of ``polcore.infer.ScanPrediction``. Rows are sorted to (iy, ix) order.
+        seconds : float
+            Inference wall time [s].
+        device : str
+            Where it ran, e.g. 'cpu' or 'cuda:0'.
+        config : mapping, optional
+            Inference configuration (batch size, preprocessing, ...), stored as JSON.
+        replace : bool
+            If a finished run of this (model, scan) exists: False returns its run_id unchanged and writes
+            nothing; True deletes it and writes the new one (same transaction).
+
+        Returns
+        -------
+        int
+            run_id.
+        """
+        self._require_writable()
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"seconds must be a number >= 0, got {seconds!r}")
+        if not isinstance(device, str) or not device:
+            raise ValueError(f"device must be a non-empty string, got {device!r}")
+        cols = _prediction_columns(predictions)
+        n = len(cols["pred"])
+        if n == 0:
+            raise ValueError("predictions are empty: a run needs at least one probe position")
+        model_id, scan_id = int(model_id), int(scan_id)
+        with self.transaction() as con:
+            dims = con.fetchone("SELECT ny, nx FROM scans WHERE scan_id = ?", [scan_id])
+            if dims is None:
+                raise ValueError(f"unknown scan_id {scan_id}: add the scan first (add_scan)")
+            if con.scalar("SELECT count(*) FROM models WHERE model_id = ?", [model_id]) == 0:
+                raise ValueError(f"unknown model_id {model_id}: add the model first (add_model)")
+            ny, nx = dims
+            if int(cols["iy"].max()) >= ny or int(cols["ix"].max()) >= nx:
+                raise ValueError(
+                    f"positions out of the scan's {ny}x{nx} grid: max iy {int(cols['iy'].max())}, "
+                    f"max ix {int(cols['ix'].max())}"
+                )
+            existing = con.fetchone(
+                "SELECT run_id, status FROM runs WHERE model_id = ? AND scan_id = ?", [model_id, scan_id]
+            )
+            if existing is not None:
+                if existing[1] == "finished" and not replace:
+                    log.info(
+                        "run of model %d on scan %d exists (run_id %d): kept", model_id, scan_id, existing[0]
+                    )
+                    return int(existing[0])
+                self._delete_runs(con, "run_id = ?", [existing[0]])
+            run_id = self._next_id(con, "runs")
+            finished = _now()
+            started = finished - timedelta(seconds=float(seconds))
+            con.execute(
+                "INSERT INTO runs (run_id, model_id, scan_id, started_at, finished_at, status, n_patterns, "
+                "seconds, "
+                "patterns_per_s, device, config_json) VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, ?)",
+                [
+                    run_id,
+                    model_id,
+                    scan_id,
+                    started,
+                    n,
+                    float(seconds),
+                    (n / seconds) if seconds > 0 else None,
+                    device,
+                    _to_json(dict(config) if config else None),
+                ],
+            )
+            self._insert_predictions(con, _predictions_arrow(cols, run_id))
+            self._finish_run(con, run_id, finished)
+        log.info("stored run %d: model %d on scan %d, %d predictions", run_id, model_id, scan_id, n)
+        return run_id
+
+    @staticmethod
+    def _insert_predictions(con: StoreConnection, table: pa.Table) -> None:
+        """Bulk insert from a registered Arrow table (one ``INSERT ... SELECT``)."""
+        name = "_polcore_predictions_in"
+        cols = ", ".join(table.column_names)
+        con.register(name, table)
+        try:
+            con.execute(f"INSERT INTO predictions ({cols}) SELECT {cols} FROM {name}")
+        finally:
+            con.unregister(name)
+
+    @staticmethod
+    def _finish_run(con: StoreConnection, run_id: int, finished_at: datetime) -> None:
+        """Mark the run finished: the last statement of the run's transaction."""
+        con.execute(
+            "UPDATE runs SET status = 'finished', finished_at = ? WHERE run_id = ?", [finished_at, run_id]
+        )
+
+    @staticmethod
+    def _delete_runs(con: StoreConnection, where: str, params: list) -> int:
+        """Delete runs matching ``where`` (a constant clause with ``?``) and their predictions."""
+        sub = f"SELECT run_id FROM runs WHERE {where}"
+        n_pred = con.scalar(f"DELETE FROM predictions WHERE run_id IN ({sub})", params) or 0
+        n_runs = con.scalar(f"DELETE FROM runs WHERE {where}", params) or 0
+        log.info("deleted %d runs (%d predictions)", n_runs, n_pred)
+        return int(n_runs)
+
+    def delete_scan(self, scan_id: int) -> dict[str, int]:
+        """Remove a scan with its runs, predictions, embeddings and domain-gap rows (one transaction).
+
+        Returns
+        -------
+        dict
+            Rows deleted per table.
+        """
+        self._require_writable()
+        scan_id = int(scan_id)
+        with self.transaction() as con:
+            if con.scalar("SELECT count(*) FROM scans WHERE scan_id = ?", [scan_id]) == 0:
+                raise ValueError(f"unknown scan_id {scan_id}")
+            out = {
+                "predictions": con.scalar(
+                    "DELETE FROM predictions WHERE run_id IN (SELECT run_id FROM runs WHERE scan_id = ?)",
+                    [scan_id],
+                ),
+                "runs": con.scalar("DELETE FROM runs WHERE scan_id = ?", [scan_id]),
+                "embeddings": con.scalar("DELETE FROM embeddings WHERE scan_id = ?", [scan_id]),
+                "domain_gap": con.scalar(
+                    "DELETE FROM domain_gap WHERE scan_a = ? OR scan_b = ?", [scan_id, scan_id]
+                ),
+                "scans": con.scalar("DELETE FROM scans WHERE scan_id = ?", [scan_id]),
+            }
+        out = {k: int(v or 0) for k, v in out.items()}
+        log.info("deleted scan %d: %s", scan_id, out)
+        return out
+
+    # ----------------------------------------------------------------------------- analysis results
+
+    def write_embeddings(self, df: pd.DataFrame) -> int:
+        """Store 2-D embeddings, replacing every ``(model_id, method, space)`` set present in ``df``.
+
+        Parameters
+        ----------
+        df : DataFrame
+            One row per embedded probe position: ``method`` (e.g. 'pca', 'umap'), ``space`` ('input' or
+            'features'), ``scan_id``, ``iy``, ``ix``, ``e1``, ``e2``; optional ``model_id`` (required for
+            'features'; None for model-independent input-space embeddings), ``true_label``, ``thickness_nm``.
+            One set may mix scans (synthetic and experimental).
+
+        Returns
+        -------
+        int
+            Rows written.
+        """
+        self._require_writable()
+        required = {"method", "space", "scan_id", "iy", "ix", "e1", "e2"}
+        _check_frame(df, required, required | {"model_id", "true_label", "thickness_nm"}, "embeddings")
+        n = len(df)
+        model = df["model_id"] if "model_id" in df.columns else pd.Series([None] * n, index=df.index)
+        model_arr = pa.array(pd.array(model, dtype="Int32"), type=pa.int32(), from_pandas=True)
+        space = df["space"].astype(str).to_numpy()
+        bad = sorted(set(space) - set(EMBEDDING_SPACES))
+        if bad:
+            raise ValueError(f"space must be one of {EMBEDDING_SPACES}, got {bad}")
+        if np.any((space == "features") & model.isna().to_numpy()):
+            raise ValueError("embeddings with space='features' need a model_id")
+        method = df["method"].astype(str).to_numpy()
+        if np.any(method == ""):
+            raise ValueError("method must be a non-empty string such as 'pca' or 'umap'")
+        e = np.stack([_finite(df[c], c, np.float32) for c in ("e1", "e2")])
+        iy = _int_column(df["iy"], "iy", 0, _SMALLINT_MAX, np.int16)
+        ix = _int_column(df["ix"], "ix", 0, _SMALLINT_MAX, np.int16)
+        label = (
+            _labels_column(df["true_label"].to_numpy())
+            if "true_label" in df.columns
+            else np.full(n, -1, np.int8)
+        )
+        thick = (
+            df["thickness_nm"].to_numpy(dtype=np.float32)
+            if "thickness_nm" in df.columns
+            else np.full(n, np.nan)
+        )
+        table = pa.table(
+            {
+                "model_id": model_arr,
+                "method": pa.array(method, pa.string()),
+                "space": pa.array(space, pa.string()),
+                "scan_id": pa.array(df["scan_id"].to_numpy(dtype=np.int64).astype(np.int32)),
+                "iy": pa.array(iy),
+                "ix": pa.array(ix),
+                "e1": pa.array(e[0]),
+                "e2": pa.array(e[1]),
+                "true_label": pa.array(label, mask=label < 0),
+                "thickness_nm": pa.array(np.asarray(thick, np.float32), from_pandas=True),
+            }
+        )
+        name = "_polcore_embeddings_in"
+        with self.transaction() as con:
+            con.register(name, table)
+            try:
+                missing = con.fetchall(
+                    f"SELECT DISTINCT scan_id FROM {name} WHERE scan_id NOT IN (SELECT scan_id FROM scans)"
+                )
+                if missing:
+                    raise ValueError(f"unknown scan_id(s) {sorted(r[0] for r in missing)}")
+                missing = con.fetchall(
+                    f"SELECT DISTINCT model_id FROM {name} WHERE model_id IS NOT NULL "
+                    "AND model_id NOT IN (SELECT model_id FROM models)"
+                )
+                if missing:
+                    raise ValueError(f"unknown model_id(s) {sorted(r[0] for r in missing)}")
+                con.execute(
+                    f"DELETE FROM embeddings USING (SELECT DISTINCT model_id, method, space FROM {name}) AS "
+                    "g "
+                    "WHERE embeddings.model_id IS NOT DISTINCT FROM g.model_id AND embeddings.method = "
+                    "g.method "
+                    "AND embeddings.space = g.space"
+                )
+                con.execute(
+                    "INSERT INTO embeddings (model_id, method, space, scan_id, iy, ix, e1, e2, true_label, "
+                    "thickness_nm, created_at) SELECT model_id, method, space, scan_id, iy, ix, e1, e2, "
+                    f"true_label, thickness_nm, ? FROM {name} ORDER BY model_id, method, space, scan_id, iy, "
+                    "ix",
+                    [_now()],
+                )
+            finally:
+                con.unregister(name)
+        return n
+
+    def write_domain_gap(
+        self,
+        model_id: int,
+        scan_a: int,
+        scan_b: int,
+        *,
+        auc: float,
+        mmd: float | None = None,
+        n_a: int | None = None,
+        n_b: int | None = None,
+    ) -> None:
+        """Store (replace) the domain-gap scores of one model between the features of two scans.
+
+        Parameters
+        ----------
+        model_id, scan_a, scan_b : int
+            Typically scan_a synthetic, scan_b experimental(-like).
+        auc : float
+            Classifier two-sample test ROC-AUC in [0, 1] (0.5 = indistinguishable).
+        mmd : float, optional
+            Maximum mean discrepancy.
+        n_a, n_b : int, optional
+            Samples used from each scan.
+        """
+        self._require_writable()
+        if not (math.isfinite(auc) and 0.0 <= auc <= 1.0):
+            raise ValueError(f"auc must lie in [0, 1], got {auc!r}")
+        if mmd is not None and not math.isfinite(mmd):
+            raise ValueError(f"mmd must be finite or None, got {mmd!r}")
+        key = [int(model_id), int(scan_a), int(scan_b)]
+        with self.transaction() as con:
+            if con.scalar("SELECT count(*) FROM models WHERE model_id = ?", [key[0]]) == 0:
+                raise ValueError(f"unknown model_id {key[0]}")
+            found = con.scalar("SELECT count(*) FROM scans WHERE scan_id IN (?, ?)", key[1:])
+            if found != len(set(key[1:])):
+                raise ValueError(f"unknown scan_id in {key[1:]}")
+            con.execute("DELETE FROM domain_gap WHERE model_id = ? AND scan_a = ? AND scan_b = ?", key)
+            con.execute(
+                "INSERT INTO domain_gap (model_id, scan_a, scan_b, auc, mmd, n_a, n_b, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [*key, float(auc), None if mmd is None else float(mmd), n_a, n_b, _now()],
+            )
+
+    def write_bench(self, df: pd.DataFrame) -> int:
+        """Store (replace by ``(model_name, dataset)``) rows of the study's benchmark.
+
+        Parameters
+        ----------
+        df : DataFrame
+            One row per (model, dataset): ``model_name``, ``family``, ``head``, ``dataset``, ``accuracy``,
+            ``macro_f1``, ``n`` (patterns evaluated); optional ``model_id``, ``variant`` ('' default),
+            ``seed``, ``per_class_recall`` (length-8 sequences, NaN for absent classes).
+
+        Returns
+        -------
+        int
+            Rows written.
+        """
+        self._require_writable()
+        required = {"model_name", "family", "head", "dataset", "accuracy", "macro_f1", "n"}
+        _check_frame(df, required, required | {"model_id", "variant", "seed", "per_class_recall"}, "bench")
+        if df.duplicated(["model_name", "dataset"]).any():
+            raise ValueError("bench rows must be unique by (model_name, dataset)")
+        n = len(df)
+        for c in ("accuracy", "macro_f1"):
+            v = df[c].to_numpy(dtype=float)
+            if np.any((v < 0) | (v > 1)):
+                raise ValueError(f"{c} must lie in [0, 1] (NaN allowed)")
+        if "per_class_recall" in df.columns:
+            pcr = np.full((n, N_CLASSES), np.nan, np.float32)
+            for i, r in enumerate(df["per_class_recall"]):
+                if r is not None and not (np.isscalar(r) and pd.isna(r)):
+                    r = np.asarray(r, np.float32)
+                    if r.shape != (N_CLASSES,):
+                        raise ValueError(
+                            f"per_class_recall rows must have {N_CLASSES} values, got shape {r.shape}"
+                        )
+                    pcr[i] = r
+            pcr_arr = pa.FixedSizeListArray.from_arrays(pa.array(pcr.ravel()), N_CLASSES)
+        else:
+            pcr_arr = pa.nulls(n, pa.list_(pa.float32(), N_CLASSES))
+
+        def opt(col: str, dtype: str, pa_type: pa.DataType) -> pa.Array:
+            if col not in df.columns:
+                return pa.nulls(n, pa_type)
+            return pa.array(pd.array(df[col], dtype=dtype), type=pa_type, from_pandas=True)
+
+        variant = df["variant"].fillna("").astype(str) if "variant" in df.columns else pd.Series([""] * n)
+        cols = {
+            "model_id": opt("model_id", "Int32", pa.int32()),
+            "model_name": pa.array(df["model_name"].astype(str).to_numpy(), pa.string()),
+            "family": pa.array(df["family"].astype(str).to_numpy(), pa.string()),
+            "head": pa.array(df["head"].astype(str).to_numpy(), pa.string()),
+            "variant": pa.array(variant.to_numpy(), pa.string()),
+            "seed": opt("seed", "Int32", pa.int32()),
+            "dataset": pa.array(df["dataset"].astype(str).to_numpy(), pa.string()),
+            "accuracy": pa.array(df["accuracy"].to_numpy(dtype=float), from_pandas=True),
+            "macro_f1": pa.array(df["macro_f1"].to_numpy(dtype=float), from_pandas=True),
+            "per_class_recall": pcr_arr,
+            "n": pa.array(df["n"].to_numpy(dtype=np.int64)),
+        }
+        name = "_polcore_bench_in"
+        with self.transaction() as con:
+            base = self._next_id(con, "bench", n)
+            table = pa.table({"bench_id": pa.array(np.arange(base, base + n, dtype=np.int32)), **cols})
+            con.register(name, table)
+            try:
+                con.execute(
+                    f"DELETE FROM bench USING {name} WHERE bench.model_name = {name}.model_name "
+                    f"AND bench.dataset = {name}.dataset"
+                )
+                names = ", ".join(table.column_names)
+                con.execute(
+                    f"INSERT INTO bench ({names}, created_at) SELECT {names}, ? FROM {name} ORDER BY "
+                    "bench_id",
+                    [_now()],
+                )
+            finally:
+                con.unregister(name)
+        return n
+
+    def cache_get(self, key: str, default: Any = None) -> Any:
+        """Value stored under ``key`` by :meth:`cache_put` (decoded JSON), or ``default``."""
+        with self.connect(read_only=True) as con:
+            raw = con.scalar("SELECT value_json FROM analysis_cache WHERE key = ?", [str(key)])
+        return default if raw is None else json.loads(raw)
+
+    def cache_put(self, key: str, value: Any) -> None:
+        """Store a JSON-serialisable value (numpy arrays become lists) under ``key`` (replacing it)."""
+        self._require_writable()
+        text = _to_json(value)
+        with self.transaction() as con:
+            con.execute("INSERT OR REPLACE INTO analysis_cache VALUES (?, ?, ?)", [str(key), text, _now()])
+
+
+# ------------------------------------------------------------------------------------ input validation
+
+
+def _check_frame(df: Any, required: set[str], allowed: set[str], what: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{what} must be a pandas DataFrame, got {type(df).__name__}")
+    missing = required - set(df.columns)
+    if missing:
+        raise ValueError(f"{what} DataFrame lacks columns {sorted(missing)}; required: {sorted(required)}")
+    extra = set(df.columns) - allowed
+    if extra:
+        raise ValueError(f"{what} DataFrame has unknown columns {sorted(extra)}; valid: {sorted(allowed)}")
+
+
+def _finite(values: Any, name: str, dtype: Any) -> np.ndarray:
+    arr = np.asarray(values, dtype=dtype)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite")
+    return arr
+
+
+def _int_column(values: Any, name: str, lo: int, hi: int, dtype: Any) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if (
+            not np.issubdtype(arr.dtype, np.floating)
+            or not np.all(np.isfinite(arr))
+            or np.any(arr != np.round(arr))
+        ):
+            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < lo or arr.max() > hi):
+        raise ValueError(f"{name} must lie in {lo}..{hi}, got {arr.min()}..{arr.max()}")
+    return arr.astype(dtype)
+
+
+def _labels_column(values: Any) -> np.ndarray:
+    """True labels as int8 with -1 for 'no label' (negative values, NaN or None)."""
+    arr = np.asarray(values)
+    if arr.dtype == object:
+        arr = pd.to_numeric(pd.Series(arr), errors="raise").to_numpy(dtype=float)
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = np.where(np.isnan(arr), -1, arr)
+    arr = np.where(arr < 0, -1, arr)
+    return _int_column(arr, "true_label", -1, N_CLASSES - 1, np.int8)
+
+
+def _prediction_columns(predictions: Any) -> dict[str, np.ndarray | None]:
+    """Validate predictions and return flat numpy columns sorted by (iy, ix)."""
+    if isinstance(predictions, pd.DataFrame):
+        raw: dict[str, Any] = {c: predictions[c].to_numpy() for c in predictions.columns}
+        if "probs" in raw and raw["probs"].dtype == object:
+            try:
+                raw["probs"] = np.stack([np.asarray(p, dtype=np.float32) for p in raw["probs"]])
+            except ValueError as err:
+                raise ValueError(f"probs must hold sequences of {N_CLASSES} floats: {err}") from err
+    elif isinstance(predictions, Mapping):
+        raw = {str(k): (None if v is None else np.asarray(v)) for k, v in predictions.items()}
+        raw = {k: v for k, v in raw.items() if v is not None}
+    else:
+        raise TypeError(
+            f"predictions must be a pandas DataFrame or a dict of arrays, got {type(predictions).__name__}"
+        )
+    unknown = set(raw) - set(PREDICTION_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown prediction columns {sorted(unknown)}; valid: {list(PREDICTION_COLUMNS)}")
+    if "pred" not in raw:
+        raise ValueError("predictions need a 'pred' column (class index 0..7)")
+    has_pos = ("iy" in raw, "ix" in raw)
+    if has_pos == (False, False):
+        pred = raw["pred"]
+        if pred.ndim != 2:
+            raise ValueError(f"without iy/ix columns, 'pred' must be a (ny, nx) map, got shape {pred.shape}")
+        ny, nx = pred.shape
+        iy, ix = np.divmod(np.arange(ny * nx), nx)
+        for key, value in list(raw.items()):
+            want = (ny, nx, N_CLASSES) if key == "probs" else (ny, nx)
+            if value.shape != want:
+                raise ValueError(f"map '{key}' has shape {value.shape}, expected {want}")
+            raw[key] = value.reshape(ny * nx, N_CLASSES) if key == "probs" else value.reshape(-1)
+        raw["iy"], raw["ix"] = iy, ix
+    elif not all(has_pos):
+        raise ValueError("give both 'iy' and 'ix' columns, or neither (then the arrays are (ny, nx) maps)")
+    n = len(raw["pred"])
+    for key, value in raw.items():
+        want = (n, N_CLASSES) if key == "probs" else (n,)
+        if value.shape != want:
+            raise ValueError(f"column '{key}' has shape {value.shape}, expected {want}")
+    out: dict[str, np.ndarray | None] = {
+        "iy": _int_column(raw["iy"], "iy", 0, _SMALLINT_MAX, np.int16),
+        "ix": _int_column(raw["ix"], "ix", 0, _SMALLINT_MAX, np.int16),
+        "pred": _int_column(raw["pred"], "pred", 0, N_CLASSES - 1, np.int8),
+    }
+    probs = raw.get("probs")
+    out["probs"] = None if probs is None else _finite(probs, "probs", np.float32)
+    if "confidence" in raw:
+        out["confidence"] = _finite(raw["confidence"], "confidence", np.float32)
+    else:
+        out["confidence"] = None if probs is None else out["probs"].max(axis=1)
+    out["true_label"] = _labels_column(raw["true_label"]) if "true_label" in raw else np.full(n, -1, np.int8)
+    for key in ("thickness_nm", "irregularity"):
+        out[key] = raw[key].astype(np.float32) if key in raw else None
+    out["region"] = raw.get("region")
+    out["is_defect"] = raw.get("is_defect")
+    if n > 1:
+        key = out["iy"].astype(np.int64) * (_SMALLINT_MAX + 1) + out["ix"]
+        if np.any(np.diff(key) <= 0):  # not strictly raster-ordered: sort (duplicates are caught below)
+            order = np.argsort(key, kind="stable")
+            out = {k: (None if v is None else v[order]) for k, v in out.items()}
+        dup = (np.diff(out["iy"]) == 0) & (np.diff(out["ix"]) == 0)
+        if np.any(dup):
+            i = int(np.argmax(dup))
+            raise ValueError(f"duplicate position (iy={out['iy'][i]}, ix={out['ix'][i]}) in predictions")
+    return out
+
+
+def _predictions_arrow(cols: dict[str, np.ndarray | None], run_id: int) -> pa.Table:
+    """Arrow table with the predictions table's column types (NaN/None -> NULL where nullable)."""
+    n = len(cols["pred"])
+
+    def nullable(values: np.ndarray | None, pa_type: pa.DataType) -> pa.Array:
+        if values is None:
+            return pa.nulls(n, pa_type)
+        return pa.array(values, type=pa_type, from_pandas=True)  # NaN -> NULL
+
+    if cols["probs"] is None:
+        probs = pa.nulls(n, pa.list_(pa.float32(), N_CLASSES))
+    else:
+        probs = pa.FixedSizeListArray.from_arrays(pa.array(cols["probs"].ravel()), N_CLASSES)
+    region = cols["region"]
+    if region is not None:
+        mask = np.asarray(pd.isna(region), bool)
+        values = _int_column(np.where(mask, 0, region), "region", -_SMALLINT_MAX, _SMALLINT_MAX, np.int16)
+        region = pa.array(values, mask=mask)
+    else:
+        region = pa.nulls(n, pa.int16())
+    defect = cols["is_defect"]
+    if defect is not None:
+        mask = np.asarray(pd.isna(defect), bool)
+        defect = pa.array(np.where(mask, False, defect).astype(bool), mask=mask)
+    else:
+        defect = pa.nulls(n, pa.bool_())
+    return pa.table(
+        {
+            "run_id": pa.array(np.full(n, run_id, np.int32)),
+            "iy": pa.array(cols["iy"]),
+            "ix": pa.array(cols["ix"]),
+            "pred": pa.array(cols["pred"]),
+            "confidence": nullable(cols["confidence"], pa.float32()),
+            "probs": probs,
+            "true_label": pa.array(cols["true_label"]),
+            "thickness_nm": nullable(cols["thickness_nm"], pa.float32()),
+            "region": region,
+            "is_defect": defect,
+            "irregularity": nullable(cols["irregularity"], pa.float32()),
+        }
+    )
