@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -35,12 +36,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-DEFAULT_DB = DATA_DIR / "polbench.duckdb"
+DATA_DIR = Path(os.environ.get("POLBENCH_DATA", Path(__file__).resolve().parents[1] / "data"))
+DEFAULT_DB = Path(os.environ.get("POLBENCH_DB", DATA_DIR / "polbench.duckdb"))
 MODELS_DIR = DATA_DIR / "models"
 SCANS_DIR = DATA_DIR / "scans"
-FEATURES_DIR = DATA_DIR / "features"
 CHECKPOINT_SUFFIXES = (".pt", ".npz")
+
+
+def features_dir(db_path) -> Path:
+    """Where ``ingest_scan`` keeps each run's feature subsample (next to the database file)."""
+    return Path(db_path).with_name(Path(db_path).stem + "_features")
 
 
 def _noop(*_a, **_k):
@@ -158,8 +163,6 @@ def ingest_scan(path, model_names=None, db_path=DEFAULT_DB, *, progress=None, na
     progress : optional ``progress(fraction, message)``.
     models : preloaded ``load_models`` dict (skips loading checkpoints).
     """
-    from polcore.analysis import irregularity
-    from polcore.infer import predict_scan_many
     from polcore.store import PredictionStore
 
     progress = progress or _noop
@@ -174,11 +177,29 @@ def ingest_scan(path, model_names=None, db_path=DEFAULT_DB, *, progress=None, na
     if not models:
         raise ValueError(f"no trained models in {model_dir}: run `python -m polcore train --profile quick`")
     ids = register_models(store, models)
+    known = set(store.fetch_df("SELECT scan_id FROM scans")["scan_id"].astype(int))
     scan_id, scan, gt = register_scan(store, path, name=name, kind=kind, dataset=dataset)
+    try:
+        _run_models(store, scan_id, scan, gt, path, models, ids, db_path, progress, batch_size)
+    except BaseException:
+        # a failed ingest leaves the database as it was: runs are written in one transaction each, and a
+        # scan row this call added is removed again when no run of it was stored
+        if scan_id not in known and not store.fetch_df(
+                "SELECT 1 FROM runs WHERE scan_id = ? AND status = 'finished'", [scan_id]).shape[0]:
+            store.delete_scan(scan_id)
+            log.info("rolled back scan %d after a failed ingest of %s", scan_id, path)
+        raise
+    return scan_id
+
+
+def _run_models(store, scan_id, scan, gt, path, models, ids, db_path, progress, batch_size):
+    from polcore.analysis import irregularity
+    from polcore.infer import predict_scan_many
+
     todo = [n for n in models if not store.has_run(ids[n], scan_id)]
     if not todo:
         progress(1.0, "already ingested")
-        return scan_id
+        return
     progress(0.0, f"running {len(todo)} model(s) on {Path(path).name}")
     results = predict_scan_many(
         scan, [models[n][0] for n in todo], batch_size=batch_size,
@@ -186,15 +207,15 @@ def ingest_scan(path, model_names=None, db_path=DEFAULT_DB, *, progress=None, na
     )
     cell_px = store.fetch_df("SELECT cell_px FROM scans WHERE scan_id = ?", [scan_id])["cell_px"].iloc[0]
     period = None if pd.isna(cell_px) else float(cell_px)
-    FEATURES_DIR.mkdir(parents=True, exist_ok=True)
+    fdir = features_dir(db_path)
+    fdir.mkdir(parents=True, exist_ok=True)
     for n, res in zip(todo, results):
         irr = irregularity(res.pred, res.probs, period_px=period)
         store.write_run(ids[n], scan_id, _prediction_frame(res, gt, irr), seconds=res.seconds, device=res.device,
                         config=dict(batch_size=batch_size, preprocessing=res.preprocess))
-        np.savez(FEATURES_DIR / f"scan{scan_id}_model{ids[n]}.npz", pos=res.sample_pos, features=res.features,
+        np.savez(fdir / f"scan{scan_id}_model{ids[n]}.npz", pos=res.sample_pos, features=res.features,
                  inputs=res.inputs)
     progress(1.0, f"stored {len(todo)} run(s) for scan {scan_id}")
-    return scan_id
 
 
 def run_bench(db_path=DEFAULT_DB) -> pd.DataFrame:
@@ -237,7 +258,7 @@ def compute_embeddings(db_path=DEFAULT_DB, *, methods=("pca", "umap"), n_max=400
     """PCA/UMAP embeddings of preprocessed inputs (model independent) and of each model's features over all
     scans together, plus the domain gap (synthetic vs experimental-like features) per model.
 
-    Uses the feature subsamples saved by ``ingest_scan`` (``data/features``). Returns {model: gap auc}.
+    Uses the feature subsamples saved by ``ingest_scan`` (``features_dir(db_path)``). Returns {model: gap auc}.
     """
     from polcore.analysis import domain_gap, embed_2d, mmd_rbf
     from polcore.store import PredictionStore
@@ -251,7 +272,7 @@ def compute_embeddings(db_path=DEFAULT_DB, *, methods=("pca", "umap"), n_max=400
     for j, (mid, mname) in enumerate(zip(models["model_id"], models["name"])):
         parts = []
         for sid, kind in zip(scans["scan_id"], scans["kind"]):
-            f = FEATURES_DIR / f"scan{sid}_model{mid}.npz"
+            f = features_dir(db_path) / f"scan{sid}_model{mid}.npz"
             if f.exists():
                 with np.load(f, allow_pickle=False) as z:
                     parts.append((int(sid), kind, z["pos"], z["features"], z["inputs"]))

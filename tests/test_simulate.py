@@ -84,12 +84,16 @@ def test_opposite_polarizations_differ_at_nb_o_column_not_on_average(static_cfg)
 
 def test_library_round_trip_and_select(tiny_library):
     lib = tiny_library
-    assert lib.patterns.shape[:2] == (12, 2)
+    assert lib.patterns.shape[:2] == (12, 4)  # 2 configurations at every thickness + 2 extra training ones
+    assert lib.available.tolist() == [[True, True], [True, True], [False, True], [False, True]]
     assert lib.patterns.shape[-1] % 2 == 0
     assert sorted(set(lib.variant_class.tolist())) == list(range(8))
     X, y, info = lib.select("train")
-    assert len(X) == len(y) == len(info) == 12 * 1 * 2 * 16
+    assert len(X) == len(y) == len(info) == 12 * 16 * (2 + 1 + 1)
     assert set(info["role"]) == {"train"}
+    assert np.all(X.reshape(len(X), -1).sum(axis=1) > 0)  # never an unsimulated (zero) entry
+    X8, _, info8 = lib.select("train", thickness=8.0)
+    assert len(X8) == 12 * 16 * 3 and set(info8["config"]) == {0, 2, 3}
     np.testing.assert_array_equal(y, lib.variant_class[info["variant"]])
     with pytest.raises(ValueError, match="unknown split"):
         lib.select("holdout")

@@ -195,7 +195,8 @@ def compose_scan(cfg: ScanComposerConfig, lib: PatternLibrary | None = None, *, 
 
     cell_var, cell_region = _domain_map(cfg, ncy, ncx, rng)
     roles = lib.configs["role"].to_numpy()
-    cfg_pool = np.flatnonzero(np.isin(roles, cfg.roles))
+    full = lib.available.all(axis=1) if lib.available is not None else np.ones(len(roles), bool)
+    cfg_pool = np.flatnonzero(np.isin(roles, cfg.roles) & full)  # configurations simulated at every thickness
     if len(cfg_pool) == 0:
         raise ValueError(f"the library has no configuration with role in {cfg.roles}")
     cell_cfg = rng.choice(cfg_pool, size=(ncy, ncx))

@@ -7,7 +7,9 @@ cell (commensurate, so the unpolarised structure keeps its 4mm symmetry exactly)
 centre unit cell (origin on its A site). Each *configuration* draws the nuisances that PHYSICS.md measured to be
 as large as the signal: a frozen-phonon snapshot set (averaged), mistilt (0-1.5 mrad, random direction), Nb
 displacement (0.10-0.20 A, O at -1/3 of it), convergence semi-angle and K/Na disorder. Configurations are
-assigned roles (train / val / test) so that held-out data are independent simulations.
+assigned roles (train / val / test) so that held-out data are independent simulations. Extra training
+configurations (``extra_train_configs``) are simulated at the training thickness only
+(``extra_thickness_nm``): more independent nuisance draws where the models learn, at a quarter of the cost.
 
 Only the three symmetry-independent variants (``structure.BASE_VARIANTS``) are simulated and stored; the
 others follow by quarter turns of patterns and probe positions together (exact on this grid, see
@@ -22,9 +24,11 @@ HDF5 layout (``format = "polbench-library/1"``)::
     /base_vectors        int8    (3, 3)                  (x right, y down, z) polarization of each base variant
     /thickness_nm        float32 (T,)
     /positions_frac      float32 (N, N, 2)               (y, x) fractions of the cell, A site at (0, 0)
-    /configs             compound (C,)                   seed, phonon_seed, tilt_x/y [mrad], nb_disp_A,
+    /configs             compound (C + E,)               seed, phonon_seed, tilt_x/y [mrad], nb_disp_A,
                                                          o_disp_A, convergence_mrad, defocus_A, na_fraction,
                                                          disorder_seed, role
+    /extra/patterns      float16 (3, E, T_e, N, N, K, K)   extra training configurations (configs C..C+E-1)
+    /extra/thickness_nm  float32 (T_e,)                  a subset of /thickness_nm
     /defects/<name>      float16 (B_d, C_d, T, N, N, K, K) with attrs base_vectors, description
     /done                bool    (3, C) and /defects/<name>_done: resumable builds
     attrs                voltage_kv, mrad_per_px, lattice_A, cells_xy, gpts_per_cell, crop, scale,
@@ -38,7 +42,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +99,8 @@ class SimulationConfig:
     defocus_range_A: tuple[float, float] = (-20.0, 20.0)
     na_fraction: float = 0.5
     roles: tuple[str, ...] = ("train",) * 5 + ("val", "test", "test")
+    extra_train_configs: int = 16
+    extra_thickness_nm: tuple[float, ...] = (20.0,)
     defects: tuple[str, ...] = ("o_vacancy", "nonpolar")
     defect_configs: int = 1
     seed: int = 2026
@@ -108,6 +114,8 @@ class SimulationConfig:
             raise ValueError("the simulation grid is smaller than the crop")
         if self.gpts_per_cell % self.positions:
             raise ValueError("gpts_per_cell must be a multiple of positions (probe on grid points)")
+        if self.extra_train_configs and not set(self.extra_thickness_nm) <= set(self.thickness_nm):
+            raise ValueError("extra_thickness_nm must be a subset of thickness_nm")
         bad = set(self.roles) - {"train", "val", "test"}
         if bad:
             raise ValueError(f"unknown roles {sorted(bad)}; valid: train, val, test")
@@ -115,6 +123,11 @@ class SimulationConfig:
     @property
     def n_configs(self) -> int:
         return len(self.roles)
+
+    @property
+    def n_all_configs(self) -> int:
+        """Configurations at every thickness plus the extra training configurations."""
+        return len(self.roles) + self.extra_train_configs
 
     @property
     def cells_z(self) -> int:
@@ -127,12 +140,13 @@ PROFILES: dict[str, SimulationConfig] = {
     "paper": SimulationConfig(
         profile="paper", thickness_nm=(20.0, 50.0), cells_xy=6, gpts_per_cell=48, crop=129,
         phonon_snapshots=8, roles=("train",) * 10 + ("val",) * 2 + ("test",) * 4, defect_configs=4,
-        drop_mantissa_bits=0,
+        drop_mantissa_bits=0, extra_train_configs=0,
     ),
     # Seconds, for tests: thin, small grid, 4 x 4 positions.
     "tiny": SimulationConfig(
         profile="tiny", thickness_nm=(4.0, 8.0), cells_xy=3, gpts_per_cell=24, positions=4, crop=41,
         phonon_snapshots=1, roles=("train", "val"), defects=("nonpolar",), defect_configs=1,
+        extra_train_configs=2, extra_thickness_nm=(8.0,),
     ),
 }
 
@@ -144,7 +158,9 @@ def configure_abtem():
     import dask
 
     dask.config.set(scheduler="synchronous")
-    abtem.config.set({"fftw.threads": max(1, min(2, os.cpu_count() or 1)), "device": "cpu"})
+    # one FFTW thread by default: on a loaded 2-core machine two threads made each simulation 10x slower
+    threads = int(os.environ.get("POLBENCH_FFTW_THREADS", "1"))
+    abtem.config.set({"fftw.threads": threads, "device": "cpu"})
 
 
 def wavelength_A(voltage_kv: float) -> float:
@@ -181,7 +197,7 @@ def _draw_configs(cfg: SimulationConfig) -> list[dict]:
     """Nuisance parameters of every configuration, drawn from ``cfg.seed``."""
     rng = np.random.default_rng(cfg.seed)
     out = []
-    for i, role in enumerate(cfg.roles):
+    for i, role in enumerate(tuple(cfg.roles) + ("train",) * cfg.extra_train_configs):
         tilt = rng.uniform(0, cfg.max_tilt_mrad)
         phi = rng.uniform(0, 2 * np.pi)
         nb = rng.uniform(*cfg.nb_disp_range_A)
@@ -339,7 +355,14 @@ def build_library(cfg: SimulationConfig | str = "default", out: str | Path | Non
             f["thickness_nm"] = np.array(cfg.thickness_nm, dtype=np.float32)
             g = (np.arange(N) / N).astype(np.float32)
             f["positions_frac"] = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1)
-            table = np.zeros(C, dtype=_CONFIG_DTYPE)
+            if cfg.extra_train_configs:
+                eg = f.create_group("extra")
+                Te = len(cfg.extra_thickness_nm)
+                eg.create_dataset("patterns", (nb, cfg.extra_train_configs, Te, N, N, K, K), dtype="f2",
+                                  chunks=chunks, **_compression())
+                eg.create_dataset("done", data=np.zeros((nb, cfg.extra_train_configs), bool))
+                eg["thickness_nm"] = np.array(cfg.extra_thickness_nm, dtype=np.float32)
+            table = np.zeros(cfg.n_all_configs, dtype=_CONFIG_DTYPE)
             for i, n_ in enumerate(nuis):
                 for k in _CONFIG_DTYPE.names:
                     table[i][k] = n_[k].encode() if k == "role" else n_[k]
@@ -363,17 +386,22 @@ def build_library(cfg: SimulationConfig | str = "default", out: str | Path | Non
                 seed=cfg.seed, profile=cfg.profile, recipe=recipe,
             )
         jobs = [("patterns", b, c, BASE_VARIANTS[b], None) for c in range(C) for b in range(nb)]
+        jobs += [("extra/patterns", b, e, BASE_VARIANTS[b], None) for e in range(cfg.extra_train_configs)
+                 for b in range(nb)]
         for name in cfg.defects:
             for b, base in enumerate(defect_bases[name]):
                 for c in range(cfg.defect_configs):
                     jobs.append((f"defects/{name}", b, c, base, name))
         total = len(jobs)
         for j, (dset, b, c, base, defect) in enumerate(jobs):
-            done = f["done"] if defect is None else f[f"defects/{defect}_done"]
+            extra = dset.startswith("extra/")
+            done = f["extra/done"] if extra else (f["done"] if defect is None else f[f"defects/{defect}_done"])
             if done[b, c]:
                 continue
             t1 = time.perf_counter()
-            pats = simulate_cell_scan(_structure_for(base, nuis[c], defect), cfg, nuis[c])
+            nu = nuis[C + c] if extra else nuis[c]
+            sim_cfg = replace(cfg, thickness_nm=cfg.extra_thickness_nm) if extra else cfg
+            pats = simulate_cell_scan(_structure_for(base, nu, defect), sim_cfg, nu)
             f[dset][b, c] = _quantize(pats * cfg.scale, cfg.drop_mantissa_bits)
             done[b, c] = True
             f.flush()
@@ -412,7 +440,9 @@ def _expand(stored: np.ndarray, scale: float) -> np.ndarray:
 class PatternLibrary:
     """A loaded pattern library with all variants expanded (see docs/INTERFACES.md).
 
-    ``patterns`` is float32 (V, C, T, N, N, K, K), K even, optical axis at pixel (K // 2, K // 2).
+    ``patterns`` is float32 (V, C, T, N, N, K, K), K even, optical axis at pixel (K // 2, K // 2);
+    ``available`` (C, T) says which (configuration, thickness) pairs were simulated (extra training
+    configurations exist at the training thickness only; other entries are zero).
     """
 
     patterns: np.ndarray
@@ -421,6 +451,7 @@ class PatternLibrary:
     thickness_nm: np.ndarray
     positions_frac: np.ndarray
     configs: "object"  # pandas.DataFrame
+    available: np.ndarray | None = None  # (C, T) bool: which (configuration, thickness) pairs were simulated
     defects: dict = field(default_factory=dict)
     defect_class: dict = field(default_factory=dict)
     defect_vector: dict = field(default_factory=dict)
@@ -467,9 +498,16 @@ class PatternLibrary:
             ts = np.atleast_1d(thickness)
             t_idx = np.unique([self.thickness_index(t) for t in ts])
         V, _, _, N, _, K, _ = self.patterns.shape
-        sub = self.patterns[:, cfg_idx][:, :, t_idx]
-        X = sub.reshape(-1, K, K)
-        v, c, t, py, px = np.meshgrid(np.arange(V), cfg_idx, t_idx, np.arange(N), np.arange(N), indexing="ij")
+        avail = self.available if self.available is not None else np.ones(self.patterns.shape[1:3], bool)
+        pairs = [(c, t) for c in cfg_idx for t in t_idx if avail[c, t]]
+        if not pairs:
+            return np.zeros((0, K, K), np.float32), np.zeros(0, np.int64), pd.DataFrame(
+                columns=["variant", "config", "role", "thickness_nm", "py", "px"])
+        pc = np.array([p[0] for p in pairs])
+        pt = np.array([p[1] for p in pairs])
+        X = self.patterns[:, pc, pt].reshape(-1, K, K)
+        v, j, py, px = np.meshgrid(np.arange(V), np.arange(len(pairs)), np.arange(N), np.arange(N), indexing="ij")
+        c, t = pc[j], pt[j]
         info = pd.DataFrame(
             {
                 "variant": v.ravel(),
@@ -502,7 +540,24 @@ def load_library(path: str | Path | None = None) -> PatternLibrary:
         if f.attrs.get("format") != FORMAT:
             raise ValueError(f"{path}: not a polbench pattern library (format {f.attrs.get('format')!r})")
         scale = float(f.attrs["scale"])
-        patterns = _expand(f["patterns"][()], scale)
+        main = f["patterns"]
+        C, T = main.shape[1], main.shape[2]
+        E = f["extra/patterns"].shape[1] if "extra" in f else 0
+        thickness = f["thickness_nm"][()]
+        K = main.shape[-1] - 1
+        # dense (V, C + E, T, ...) array; (config, thickness) pairs that were not simulated stay zero and are
+        # marked unavailable
+        patterns = np.zeros((4 * main.shape[0], C + E, T) + main.shape[3:5] + (K, K), np.float32)
+        available = np.zeros((C + E, T), bool)
+        patterns[:, :C] = _expand(main[()], scale)
+        available[:C] = True
+        if E:
+            t_idx = [int(np.argmin(np.abs(thickness - t))) for t in f["extra/thickness_nm"][()]]
+            ex = _expand(f["extra/patterns"][()], scale)
+            for j, ti in enumerate(t_idx):
+                patterns[:, C:, ti] = ex[:, :, j]
+                available[C:, ti] = True
+            del ex
         base_vectors = f["base_vectors"][()].astype(float)
         table = f["configs"][()]
         configs = pd.DataFrame({k: table[k] for k in table.dtype.names})
@@ -520,7 +575,6 @@ def load_library(path: str | Path | None = None) -> PatternLibrary:
             defects[name] = arr
             dvec[name] = vecs
             dclass[name] = np.array([variant_class(v) for v in vecs])
-        thickness = f["thickness_nm"][()]
         positions = f["positions_frac"][()]
     vectors = np.array([rotate_vector_ccw(v, q) for v in base_vectors for q in range(4)])
     assert [tuple(int(round(c)) for c in v) for v in vectors] == [v for v, _, _ in VARIANTS][: len(vectors)]
@@ -532,6 +586,7 @@ def load_library(path: str | Path | None = None) -> PatternLibrary:
         thickness_nm=thickness,
         positions_frac=positions,
         configs=configs,
+        available=available,
         defects=defects,
         defect_class=dclass,
         defect_vector=dvec,

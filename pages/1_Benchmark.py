@@ -1,0 +1,124 @@
+"""Benchmark: the study's comparison table (rows = data sets, columns = family x head), sortable, CSV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from polcore.types import CLASS_NAMES
+from ui import data as D
+from ui import download_table, guard, init_page, require_db
+
+ctx = init_page("Benchmark", icon=":material/leaderboard:")
+st.title("Benchmark")
+st.caption(
+    "Which model is best on which data set? Scores are mean \u00b1 std over training seeds; the majority "
+    "row always predicts the most frequent true class of the data set."
+)
+
+
+def _model_label(row) -> str:
+    return "/".join(p for p in (row["family"], row["head"], row["variant"]) if p)
+
+
+def _filtered_table(met: pd.DataFrame) -> pd.DataFrame:
+    """Mean +- std over seeds of per-run metrics (after the sidebar's thickness / region filters)."""
+    met = met[met["n_labelled"] > 0].copy()
+    if met.empty:
+        return pd.DataFrame()
+    met["model"] = met.apply(_model_label, axis=1)
+    g = met.groupby(["dataset", "model"], sort=False)
+    out = g.agg(
+        n_runs=("run_id", "count"),
+        n_labelled=("n_labelled", "sum"),
+        accuracy_mean=("accuracy", "mean"),
+        accuracy_std=("accuracy", "std"),
+        macro_f1_mean=("macro_f1", "mean"),
+        macro_f1_std=("macro_f1", "std"),
+    ).reset_index()
+    return out
+
+
+with guard("The benchmark page"):
+    require_db(ctx)
+    bench = D.bench(ctx.tok)
+    if bench.empty:
+        st.info("The benchmark table is empty: run `python -m polcore bench` (or build the demo).")
+        st.stop()
+    from polcore.store.queries import pivot_benchmark
+
+    metric = st.radio(
+        "Metric",
+        ["accuracy", "macro_f1"],
+        horizontal=True,
+        key="bench_metric",
+        format_func={"accuracy": "accuracy", "macro_f1": "macro-F1"}.get,
+    )
+    st.subheader("The study's table")
+    pivot = pivot_benchmark(bench, metric)
+    best = pivot_benchmark(bench, metric, text=False)
+    st.dataframe(pivot, width="stretch")
+    winners = best.drop(columns=["majority"], errors="ignore").idxmax(axis=1)
+    st.caption(
+        "Best per data set: " + "; ".join(f"{d}: **{m}**" for d, m in winners.items() if isinstance(m, str))
+    )
+
+    st.subheader("All scores (click a column header to sort)")
+    detail = bench.copy()
+    if ctx.dataset is not None:
+        detail = detail[detail["dataset"] == ctx.dataset]
+        st.caption(f"Data set from the sidebar: {ctx.dataset}.")
+    rec = (
+        np.stack(
+            [
+                np.asarray(r, float) if r is not None else np.full(8, np.nan)
+                for r in detail["per_class_recall"]
+            ]
+        )
+        if len(detail)
+        else np.zeros((0, 8))
+    )
+    for k, name in enumerate(CLASS_NAMES):
+        detail[f"recall {name}"] = rec[:, k] if len(detail) else []
+    detail = detail.drop(columns=["per_class_recall", "majority_class"])
+    first = [
+        "dataset",
+        "model",
+        "n_seeds",
+        "accuracy_mean",
+        "accuracy_std",
+        "macro_f1_mean",
+        "macro_f1_std",
+        "patterns_per_s",
+        "train_seconds",
+    ]
+    detail = detail[first + [c for c in detail.columns if c not in first]]
+    num = {
+        c: st.column_config.NumberColumn(format="%.3f")
+        for c in detail.columns
+        if c.startswith(("accuracy", "macro_f1", "recall"))
+    }
+    num["patterns_per_s"] = st.column_config.NumberColumn("speed [patterns/s]", format="%.0f")
+    num["train_seconds"] = st.column_config.NumberColumn("train time [s]", format="%.0f")
+    st.dataframe(detail, hide_index=True, width="stretch", column_config=num)
+    download_table(detail, "benchmark", key="dl_bench")
+
+    if ctx.filters.thickness is not None or ctx.filters.region is not None:
+        st.subheader("With the sidebar's thickness / region filters")
+        st.caption("Recomputed from the stored predictions of every run (region applies to every scan).")
+        ft = _filtered_table(D.metrics(ctx.tok, ctx.ft))
+        if ft.empty:
+            st.info("No labelled positions pass the filters.")
+        else:
+            st.dataframe(
+                ft,
+                hide_index=True,
+                width="stretch",
+                column_config={
+                    c: st.column_config.NumberColumn(format="%.3f")
+                    for c in ft.columns
+                    if c.startswith(("accuracy", "macro_f1"))
+                },
+            )
+            download_table(ft, "benchmark_filtered", key="dl_bench_f")

@@ -1,0 +1,317 @@
+"""Cached reads for the pages: thin wrappers over ``polcore.store.queries`` and ``polcore.analysis``.
+
+* The store object (no open connection; short-lived read-only connections per query) is a
+  ``st.cache_resource``.
+* Query results are ``st.cache_data`` keyed by ids, plain tuples and a *database token* (file size and
+  modification time of the DuckDB file and its WAL, :func:`ui.paths.db_token`), so a write by an upload in
+  this process or by the CLI invalidates them. Arrays are never passed as arguments (Streamlit hashes large
+  arrays from a sample).
+* Filters travel as ``(thickness, region)`` tuples and become :class:`polcore.types.Filters` inside.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from polcore.types import Filters
+from ui import paths
+
+__all__ = [
+    "store",
+    "store_ready",
+    "token",
+    "ftuple",
+    "scans",
+    "models",
+    "runs",
+    "find_run",
+    "bench",
+    "metrics",
+    "run_metrics",
+    "confusion",
+    "grids",
+    "errors",
+    "prediction_at",
+    "embeddings",
+    "domain_gaps",
+    "thickness_bounds",
+    "periodic_analysis",
+    "defect_analysis",
+    "pattern",
+    "clear_caches",
+]
+
+log = logging.getLogger(__name__)
+_ENTRIES = 64
+
+
+@st.cache_resource(show_spinner=False)
+def _store(path: str):
+    from polcore.store import PredictionStore
+
+    return PredictionStore(path, read_only=True)
+
+
+def store(path: Path | None = None):
+    """The read-only :class:`polcore.store.PredictionStore` of the dashboard's database."""
+    return _store(str(path or paths.db_path()))
+
+
+def store_ready(path: Path | None = None) -> bool:
+    """Whether the database file exists and holds a polbench schema."""
+    p = Path(path or paths.db_path())
+    if not p.is_file():
+        return False
+    return _store_ready(str(p), paths.db_token(p))
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _store_ready(path: str, tok: tuple) -> bool:
+    return _store(path).exists()
+
+
+def token() -> tuple:
+    """The current database token (pass it to every cached query)."""
+    return paths.db_token()
+
+
+def ftuple(filters: Filters | None) -> tuple:
+    """Hashable form of a Filters object for cache keys."""
+    if filters is None:
+        return (None, None)
+    th = None if filters.thickness is None else tuple(float(v) for v in filters.thickness)
+    rg = None if filters.region is None else tuple(int(v) for v in filters.region)
+    return (th, rg)
+
+
+def _filters(ft: tuple) -> Filters:
+    th, rg = ft
+    return Filters(thickness=th, region=rg)
+
+
+def _q():
+    from polcore.store import queries
+
+    return queries
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def scans(tok: tuple) -> pd.DataFrame:
+    """All scans (``queries.list_scans``)."""
+    return _q().list_scans(store())
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def models(tok: tuple) -> pd.DataFrame:
+    """All models (``queries.list_models``)."""
+    return _q().list_models(store())
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def runs(tok: tuple) -> pd.DataFrame:
+    """All finished runs with model and scan columns (``queries.list_runs``)."""
+    return _q().list_runs(store())
+
+
+def find_run(tok: tuple, scan_id: int | None, model_name: str | None) -> int | None:
+    """run_id of ``model_name`` on ``scan_id``, or None."""
+    if scan_id is None or model_name is None:
+        return None
+    r = runs(tok)
+    sel = r[(r["scan_id"] == int(scan_id)) & (r["model"] == model_name)]
+    return None if sel.empty else int(sel["run_id"].iloc[0])
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def bench(tok: tuple) -> pd.DataFrame:
+    """The study's benchmark, tidy (``queries.benchmark_table``)."""
+    return _q().benchmark_table(store())
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def metrics(tok: tuple, ft: tuple) -> pd.DataFrame:
+    """Accuracy / macro-F1 per run after filtering (``queries.metrics_by_run``)."""
+    return _q().metrics_by_run(store(), _filters(ft))
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def run_metrics(tok: tuple, run_id: int, ft: tuple) -> pd.Series | None:
+    """Accuracy / macro-F1 / counts of one run after filtering (a row of ``queries.metrics_by_run``)."""
+    df = _q().metrics_by_run(store(), _filters(ft), run_ids=[int(run_id)])
+    return None if df.empty else df.iloc[0]
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def confusion(tok: tuple, run_ids: tuple[int, ...], ft: tuple) -> pd.DataFrame:
+    """Long-form confusion counts of several runs (``queries.confusion_counts``)."""
+    return _q().confusion_counts(store(), list(run_ids), _filters(ft))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def grids(tok: tuple, run_id: int) -> dict:
+    """One run as (ny, nx) maps (``queries.run_grids``)."""
+    return _q().run_grids(store(), int(run_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def errors(tok: tuple, run_id: int, ft: tuple) -> pd.DataFrame:
+    """Wrong predictions of a run after filtering (``queries.errors``)."""
+    return _q().errors(store(), int(run_id), _filters(ft))
+
+
+def prediction_at(run_id: int, iy: int, ix: int) -> pd.DataFrame:
+    """The stored prediction at one position (``queries.prediction_at``; uncached, ~10 ms)."""
+    return _q().prediction_at(store(), int(run_id), int(iy), int(ix))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def embeddings(tok: tuple, model_id: int | None, method: str, space: str) -> pd.DataFrame:
+    """One stored embedding set joined with predictions (``queries.embeddings``)."""
+    return _q().embeddings(store(), model_id, method, space)
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def domain_gaps(tok: tuple) -> pd.DataFrame:
+    """Domain-gap scores (``queries.domain_gaps``)."""
+    return _q().domain_gaps(store())
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def thickness_bounds(tok: tuple) -> tuple[float, float] | None:
+    """(min, max) local thickness [nm] over all predictions, or None."""
+    return _q().thickness_range(store())
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def periodic_analysis(tok: tuple, run_id: int, lattice_period_px: float | None, ft: tuple) -> dict:
+    """Periodicity of a run's error map and the error rate folded onto the unit cell.
+
+    The thickness filter masks positions (NaN) before the analysis; the region filter crops the map.
+
+    Returns
+    -------
+    dict with ``result`` (summary dict + spectrum arrays, see ``polcore.analysis.periodicity``), ``cell``
+    (nby, nbx) error rate inside the cell (None without a lattice period) and ``cell_counts``.
+    """
+    from polcore.analysis import fold_to_cell, periodicity
+
+    g = grids(tok, run_id)
+    err = _masked(g, "error", ft)
+    if not np.isfinite(err).any():
+        return {"result": None, "cell": None, "cell_counts": None, "n_valid": 0}
+    res = periodicity(err, lattice_period_px=lattice_period_px)
+    out = {
+        "result": {
+            **res.summary(),
+            "peaks": list(res.peaks),
+            "spectrum": res.spectrum,
+            "freq_y": res.freq_y,
+            "freq_x": res.freq_x,
+        },
+        "cell": None,
+        "cell_counts": None,
+        "n_valid": int(np.isfinite(err).sum()),
+    }
+    if lattice_period_px:
+        cell, counts = fold_to_cell(err, float(lattice_period_px), return_counts=True)
+        out["cell"], out["cell_counts"] = cell, counts
+    return out
+
+
+def _masked(g: dict, key: str, ft: tuple) -> np.ndarray:
+    """Float copy of ``g[key]``: NaN outside the thickness filter, cropped to the region."""
+    v = np.array(g[key], dtype=float)
+    th, rg = ft
+    if th is not None:
+        t = g["thickness_nm"]
+        v[~((t >= th[0]) & (t <= th[1]))] = np.nan
+    if rg is not None:
+        y0, y1, x0, x1 = rg
+        v = v[y0 : y1 + 1, x0 : x1 + 1]
+    return v
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def defect_analysis(tok: tuple, run_id: int, period_px: float | None, ft: tuple = (None, None)) -> dict:
+    """Irregularity map (stored, else computed), defect mask, ROC and candidate regions of one run.
+
+    Positions outside the thickness / region filters get a NaN score, so the map, the ROC-AUC and the
+    candidates cover the filtered positions only.
+
+    Returns
+    -------
+    dict with ``score`` (ny, nx), ``mask`` (ny, nx) bool, ``has_mask``, ``auc``, ``fpr``, ``tpr``,
+    ``candidates`` (DataFrame), ``computed`` (True when the score was computed here, not read from the store),
+    ``n_scored`` (positions with a finite score).
+    """
+    from polcore.analysis import candidate_regions, defect_auc, irregularity, roc_curve_points
+
+    g = grids(tok, run_id)
+    score = np.array(g["irregularity"], dtype=float)
+    computed = False
+    valid_pred = g["pred"] >= 0
+    if not np.isfinite(score[valid_pred]).any():
+        probs = g["probs"] if np.isfinite(g["probs"]).all() else None
+        score = irregularity(g["pred"], probs, period_px=period_px)
+        computed = True
+    th, rg = ft
+    if th is not None:
+        t = g["thickness_nm"]
+        score[~((t >= th[0]) & (t <= th[1]))] = np.nan
+    if rg is not None:
+        keep = np.zeros(score.shape, bool)
+        keep[rg[0] : rg[1] + 1, rg[2] : rg[3] + 1] = True
+        score[~keep] = np.nan
+    mask = np.asarray(g["is_defect"], dtype=bool)
+    ok = np.isfinite(score)
+    has_mask = bool(mask.any())
+    auc, fpr, tpr = float("nan"), np.zeros(0), np.zeros(0)
+    if has_mask and mask[ok].any() and not mask[ok].all():
+        auc = float(defect_auc(score, mask))
+        fpr, tpr = roc_curve_points(score, mask)
+    cands = candidate_regions(score, top=10, smooth_px=1.0)
+    return {
+        "score": score,
+        "mask": mask,
+        "has_mask": has_mask,
+        "auc": auc,
+        "fpr": np.asarray(fpr),
+        "tpr": np.asarray(tpr),
+        "candidates": cands,
+        "computed": computed,
+        "n_scored": int(ok.sum()),
+    }
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def pattern(source_file: str, iy: int, ix: int) -> np.ndarray:
+    """One diffraction pattern (ky, kx) read from the scan file (cached per position)."""
+    from ui.backend import read_pattern
+
+    return np.asarray(read_pattern(source_file, iy, ix), dtype=np.float32)
+
+
+def clear_caches() -> None:
+    """Drop every cached query result (after a write whose token change might be missed)."""
+    for fn in (
+        scans,
+        models,
+        runs,
+        bench,
+        metrics,
+        confusion,
+        grids,
+        errors,
+        embeddings,
+        domain_gaps,
+        thickness_bounds,
+        periodic_analysis,
+        defect_analysis,
+        _store_ready,
+    ):
+        fn.clear()

@@ -1,0 +1,211 @@
+"""Filter state shared by every page, and its mirror in the URL query parameters.
+
+Filters live in ``st.session_state`` under plain (non-widget) keys, because a widget's own state is dropped
+when a page that does not render it runs. Each page rebuilds its widgets from these keys and writes them back
+to ``st.query_params`` so that a URL reproduces the view.
+
+=============  ==========  ===========================================================
+state key      URL param   value
+=============  ==========  ===========================================================
+``f_dataset``  dataset     dataset name (a benchmark row) or None for all
+``f_scan``     scan        scan_id (int)
+``f_model``    model       model name
+``f_th``       th          thickness range (lo, hi) [nm], URL ``lo-hi``; None = all
+``f_region``   region      (y0, y1, x0, x1) inclusive scan pixels, URL ``y0,y1,x0,x1``
+=============  ==========  ===========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import streamlit as st
+
+from polcore.types import Filters
+
+__all__ = [
+    "STATE_KEYS",
+    "PARAM_OF",
+    "parse_thickness",
+    "format_thickness",
+    "parse_region",
+    "format_region",
+    "load_query_params",
+    "write_query_params",
+    "current_filters",
+    "set_region",
+    "clear_region",
+]
+
+log = logging.getLogger(__name__)
+
+#: Plain session-state keys of the shared filters.
+STATE_KEYS: tuple[str, ...] = ("f_dataset", "f_scan", "f_model", "f_th", "f_region")
+#: URL parameter of each state key.
+PARAM_OF: dict[str, str] = {
+    "f_dataset": "dataset",
+    "f_scan": "scan",
+    "f_model": "model",
+    "f_th": "th",
+    "f_region": "region",
+}
+_LOADED = "_qp_loaded"
+
+
+def _num(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"not a finite number: {text!r}")
+    return v
+
+
+def parse_thickness(text: str | None) -> tuple[float, float] | None:
+    """``"lo-hi"`` (or ``"lo,hi"``, or one value ``"v"``) -> (lo, hi) [nm] sorted; empty -> None.
+
+    Raises ValueError for anything else.
+    """
+    if text is None or not str(text).strip():
+        return None
+    s = str(text).strip().replace("~", "-").replace("..", "-")
+    parts = [p for p in s.replace(",", "-").split("-") if p.strip()]
+    if len(parts) == 1:
+        v = _num(parts[0])
+        return (v, v)
+    if len(parts) != 2:
+        raise ValueError(f"thickness range must look like 10-40 [nm], got {text!r}")
+    lo, hi = sorted((_num(parts[0]), _num(parts[1])))
+    return (lo, hi)
+
+
+def format_thickness(th: tuple[float, float] | None) -> str | None:
+    """(lo, hi) -> ``"lo-hi"`` with compact numbers; None -> None."""
+    if th is None:
+        return None
+    return "-".join(f"{float(v):g}" for v in th)
+
+
+def parse_region(text: str | None) -> tuple[int, int, int, int] | None:
+    """``"y0,y1,x0,x1"`` -> inclusive (y0, y1, x0, x1) with y0 <= y1, x0 <= x1, all >= 0; empty -> None.
+
+    Raises ValueError for anything else.
+    """
+    if text is None or not str(text).strip():
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 4:
+        raise ValueError(f"region must be y0,y1,x0,x1 (4 integers), got {text!r}")
+    try:
+        y0, y1, x0, x1 = (int(p) for p in parts)
+    except ValueError as exc:
+        raise ValueError(f"region must be y0,y1,x0,x1 (4 integers), got {text!r}") from exc
+    y0, y1 = sorted((y0, y1))
+    x0, x1 = sorted((x0, x1))
+    if y0 < 0 or x0 < 0:
+        raise ValueError(f"region bounds must be >= 0, got {text!r}")
+    return (y0, y1, x0, x1)
+
+
+def format_region(region: tuple[int, int, int, int] | None) -> str | None:
+    """(y0, y1, x0, x1) -> ``"y0,y1,x0,x1"``; None -> None."""
+    if region is None:
+        return None
+    return ",".join(str(int(v)) for v in region)
+
+
+def _parse_scan(text: str | None) -> int | None:
+    if text is None or not str(text).strip():
+        return None
+    return int(str(text).strip())
+
+
+def _parse_str(text: str | None) -> str | None:
+    return str(text) if text is not None and str(text).strip() else None
+
+
+_PARSERS = {
+    "f_dataset": _parse_str,
+    "f_scan": _parse_scan,
+    "f_model": _parse_str,
+    "f_th": parse_thickness,
+    "f_region": parse_region,
+}
+_FORMATTERS = {
+    "f_dataset": lambda v: None if v is None else str(v),
+    "f_scan": lambda v: None if v is None else str(int(v)),
+    "f_model": lambda v: None if v is None else str(v),
+    "f_th": format_thickness,
+    "f_region": format_region,
+}
+
+
+def load_query_params(params: Mapping[str, str] | None = None, state=None) -> list[str]:
+    """Copy URL query parameters into the filter keys, once per session.
+
+    Parameters
+    ----------
+    params : mapping param -> value (default ``st.query_params``).
+    state : session-state mapping (default ``st.session_state``).
+
+    Returns
+    -------
+    Messages about parameters that could not be read (they are ignored).
+    """
+    state = st.session_state if state is None else state
+    if state.get(_LOADED):
+        return []
+    params = st.query_params if params is None else params
+    problems = []
+    for key in STATE_KEYS:
+        state.setdefault(key, None)
+        name = PARAM_OF[key]
+        if name not in params:
+            continue
+        try:
+            state[key] = _PARSERS[key](params[name])
+        except ValueError as exc:
+            problems.append(f"URL parameter {name}={params[name]!r} ignored: {exc}")
+            log.info(problems[-1])
+    state[_LOADED] = True
+    return problems
+
+
+def write_query_params(state=None) -> None:
+    """Mirror the filter keys into ``st.query_params`` (only the parameters that changed)."""
+    state = st.session_state if state is None else state
+    qp = st.query_params
+    for key in STATE_KEYS:
+        name = PARAM_OF[key]
+        value = _FORMATTERS[key](state.get(key))
+        if value is None:
+            if name in qp:
+                del qp[name]
+        elif qp.get(name) != value:
+            qp[name] = value
+
+
+def current_filters(state=None) -> Filters:
+    """The thickness and region filters as a :class:`polcore.types.Filters`."""
+    state = st.session_state if state is None else state
+    th = state.get("f_th")
+    region = state.get("f_region")
+    return Filters(
+        thickness=None if th is None else (float(th[0]), float(th[1])),
+        region=None if region is None else tuple(int(v) for v in region),
+    )
+
+
+def set_region(region: tuple[int, int, int, int] | None, state=None) -> None:
+    """Set the region filter (sorted, inclusive) or clear it with None."""
+    state = st.session_state if state is None else state
+    if region is None:
+        state["f_region"] = None
+        return
+    y0, y1, x0, x1 = (int(v) for v in region)
+    state["f_region"] = (min(y0, y1), max(y0, y1), min(x0, x1), max(x0, x1))
+
+
+def clear_region(state=None) -> None:
+    """Clear the region filter (callback of the sidebar's 'clear region' button)."""
+    set_region(None, state)
