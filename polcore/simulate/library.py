@@ -99,7 +99,7 @@ class SimulationConfig:
     defocus_range_A: tuple[float, float] = (-20.0, 20.0)
     na_fraction: float = 0.5
     roles: tuple[str, ...] = ("train",) * 5 + ("val", "test", "test")
-    extra_train_configs: int = 16
+    extra_train_configs: int = 12
     extra_thickness_nm: tuple[float, ...] = (20.0,)
     defects: tuple[str, ...] = ("o_vacancy", "nonpolar")
     defect_configs: int = 1
@@ -411,15 +411,50 @@ def build_library(cfg: SimulationConfig | str = "default", out: str | Path | Non
             if progress is not None:
                 progress(j + 1, total, msg)
         f.attrs["elapsed_s"] = float(f.attrs.get("elapsed_s", 0.0)) + time.perf_counter() - t0
-    os.replace(partial, out)
+    _finish(partial, out)
     return out
 
 
+def extra_path(path: Path) -> Path:
+    """Sibling file holding a library's extra training configurations (``/extra``, an HDF5 external link)."""
+    return path.with_name(path.stem + "_extra" + path.suffix)
+
+
+def _finish(partial: Path, out: Path) -> None:
+    """Move a finished build into place. ``/extra`` goes to its own file (``extra_path``) behind an HDF5
+    external link, so that each committed file stays small; readers follow the link transparently."""
+    import h5py
+
+    with h5py.File(partial, "r") as src:
+        has_extra = "extra" in src
+        if has_extra:
+            ex_tmp = extra_path(out).with_name(extra_path(out).name + ".tmp")
+            main_tmp = out.with_name(out.name + ".tmp")
+            with h5py.File(ex_tmp, "w") as fe:
+                src.copy(src["extra"], fe, "extra")
+            with h5py.File(main_tmp, "w") as fm:
+                for key in src:
+                    if key != "extra":
+                        src.copy(src[key], fm, key)
+                fm.attrs.update(dict(src.attrs))
+                fm["extra"] = h5py.ExternalLink(extra_path(out).name, "/extra")
+    if has_extra:
+        os.replace(ex_tmp, extra_path(out))
+        os.replace(main_tmp, out)
+        partial.unlink()
+    else:
+        os.replace(partial, out)
+
+
 def _sha256(path: Path) -> str:
+    """sha256 over the library file and, when present, its extra-configurations file."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
+    for p in (path, extra_path(path)):
+        if not p.exists():
+            continue
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -537,6 +572,9 @@ def load_library(path: str | Path | None = None) -> PatternLibrary:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no pattern library (build one with `python -m polcore simulate library`)")
     with h5py.File(path, "r") as f:
+        if "extra" in f.keys() and f.get("extra", getlink=True).__class__ is h5py.ExternalLink \
+                and not extra_path(path).exists():
+            raise FileNotFoundError(f"{path}: its extra configurations file {extra_path(path).name} is missing")
         if f.attrs.get("format") != FORMAT:
             raise ValueError(f"{path}: not a polbench pattern library (format {f.attrs.get('format')!r})")
         scale = float(f.attrs["scale"])
