@@ -47,14 +47,14 @@ def test_streaming_equals_whole_array(scan_and_models, batch_size):
 
 
 def test_many_models_share_one_pass_and_progress(scan_and_models):
-    scan, _, models, truth = scan_and_models
+    scan, _, models, _ = scan_and_models
     seen = []
     res = predict_scan_many(scan, list(models), batch_size=32, progress=lambda d, t, m: seen.append((d, t)))
     assert len(res) == 2 and seen[-1] == (143, 143) and len(seen) == 5
     np.testing.assert_array_equal(res[0].com, res[1].com)
-    # the PCA+kNN model was fitted on real library patterns: well above chance on this clean scan
-    acc = float(np.mean(res[0].pred == truth["label"]))
-    assert acc > 0.3
+    single = predict_scan(scan, models[1], batch_size=50)
+    np.testing.assert_array_equal(res[1].pred, single.pred)  # one pass for many = each on its own
+    assert res[0].com.max() > 0 and np.all(np.isfinite(res[0].com))
 
 
 def test_model_without_preprocessing_is_refused(scan_and_models):

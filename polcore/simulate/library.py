@@ -144,7 +144,7 @@ PROFILES: dict[str, SimulationConfig] = {
     ),
     # Seconds, for tests: thin, small grid, 4 x 4 positions.
     "tiny": SimulationConfig(
-        profile="tiny", thickness_nm=(4.0, 8.0), cells_xy=3, gpts_per_cell=24, positions=4, crop=41,
+        profile="tiny", thickness_nm=(4.0, 8.0), cells_xy=3, gpts_per_cell=24, positions=4, crop=65,
         phonon_snapshots=1, roles=("train", "val"), defects=("nonpolar",), defect_configs=1,
         extra_train_configs=2, extra_thickness_nm=(8.0,),
     ),
