@@ -1,0 +1,505 @@
+"""Preprocessing of diffraction patterns: disc centre, angular resampling, crop, normalisation, the
+centre-of-mass (CoM) filter and training-only augmentations.
+
+Models see ``(n, 64, 64)`` float32 patterns with the optical axis at pixel ``(32, 32)`` (the pattern library's
+convention), sampled at the library's angular sampling [mrad/px] and min-max normalised per pattern to [0, 1].
+
+Two errors of the study's preprocessing are avoided here:
+
+* the crop is centred *on* the measured disc centre (the study subtracted the offset twice, putting
+  experimental discs about 14 px off centre);
+* every microscope has its own camera length, so patterns are resampled from the scan's angular sampling
+  (calibration, or the measured bright-field disc radius and the known convergence semi-angle) to the
+  library's sampling instead of being cropped at whatever scale the detector had.
+
+Pixel coordinates: pixel ``(i, j)`` has its centre at ``(i, j)``; ``(cy, cx)`` are (row, column) [px].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+__all__ = [
+    "find_hot_pixels",
+    "find_disc_center",
+    "measure_disc_radius",
+    "disc_mask",
+    "Preprocessor",
+    "minmax",
+    "com_magnitude",
+    "com_filter_mask",
+    "Augmenter",
+]
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-8
+
+
+def _check_image(img, name: str) -> np.ndarray:
+    a = np.asarray(img, dtype=np.float64)
+    if a.ndim != 2 or min(a.shape) < 3:
+        raise ValueError(f"{name} must be a 2-D image (ky, kx) of at least 3 x 3 pixels, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return a
+
+
+def disc_mask(mean_pattern, threshold: float = 0.5) -> np.ndarray:
+    """Boolean mask of the bright-field disc of a (scan-mean) pattern.
+
+    The image is median-filtered (3 x 3, removes hot pixels), thresholded at
+    ``bg + threshold * (peak - bg)`` with ``bg`` the 5th and ``peak`` the 99.5th percentile, and the connected
+    component holding the most intensity is kept (stray Bragg discs and hot pixels are dropped).
+
+    Parameters
+    ----------
+    mean_pattern : (ky, kx) array, the mean pattern of a scan (any intensity unit).
+    threshold : fraction (0, 1) of the way from background to peak; 0.5 = half maximum.
+
+    Returns
+    -------
+    mask : bool (ky, kx).
+    """
+    from scipy import ndimage
+
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
+    a = ndimage.median_filter(_check_image(mean_pattern, "mean_pattern"), size=3, mode="nearest")
+    bg, peak = np.percentile(a, [5.0, 99.5])
+    if peak - bg <= _EPS * max(abs(peak), 1.0):
+        raise ValueError("the mean pattern is flat: no bright-field disc to find")
+    mask = a > bg + threshold * (peak - bg)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        weight = ndimage.sum(a - bg, labels, index=np.arange(1, n + 1))
+        mask = labels == (int(np.argmax(weight)) + 1)
+    return mask
+
+
+def find_hot_pixels(mean_pattern, ratio: float = 5.0) -> np.ndarray:
+    """Detector pixels that are hot in a scan-mean pattern: isolated, brighter than ``ratio`` times the
+    brightest of their 8 neighbours and than ``ratio`` times the image median. A real feature (disc, Bragg
+    spot, a jagged disc edge) spans several pixels, so some neighbour is about as bright.
+
+    Returns
+    -------
+    int (n, 2) array of (row, col).
+    """
+    from scipy import ndimage
+
+    m = _check_image(mean_pattern, "mean_pattern")
+    ring = np.ones((3, 3), bool)
+    ring[1, 1] = False
+    neigh = ndimage.maximum_filter(m, footprint=ring, mode="nearest")
+    floor = max(float(np.median(m)), _EPS)
+    hot = (m > ratio * np.maximum(neigh, 0) + _EPS) & (m > ratio * floor)
+    return np.argwhere(hot)
+
+
+def _repair(x: np.ndarray, hot: np.ndarray) -> np.ndarray:
+    """Replace hot pixels of every pattern (n, ky, kx) by the mean of their in-bounds 4-neighbours (copy)."""
+    if hot is None or len(hot) == 0:
+        return x
+    x = x.copy()
+    n, ky, kx = x.shape
+    hot_set = {(int(r), int(c)) for r, c in hot}
+    for r, c in hot_set:
+        nb = [(r + dr, c + dc) for dr, dc in ((1, 0), (-1, 0), (0, 1), (0, -1))
+              if 0 <= r + dr < ky and 0 <= c + dc < kx and (r + dr, c + dc) not in hot_set]
+        if nb:
+            rr, cc = zip(*nb)
+            x[:, r, c] = x[:, list(rr), list(cc)].mean(axis=1)
+        else:
+            x[:, r, c] = 0
+    return x
+
+
+def find_disc_center(mean_pattern, threshold: float = 0.5) -> tuple[float, float]:
+    """Sub-pixel centre (cy, cx) [px] of the bright-field disc of a scan-mean pattern.
+
+    The centre of mass of the thresholded disc (see :func:`disc_mask`): the uniform weight makes it insensitive to
+    the polarization-dependent redistribution of intensity inside the disc. The offset is returned as found; it is
+    never mirrored.
+
+    Parameters
+    ----------
+    mean_pattern : (ky, kx) array.
+    threshold : see :func:`disc_mask`.
+
+    Returns
+    -------
+    (cy, cx) : row and column of the disc centre [px], pixel centres at integer coordinates.
+    """
+    mask = disc_mask(mean_pattern, threshold)
+    yy, xx = np.nonzero(mask)
+    return float(yy.mean()), float(xx.mean())
+
+
+def measure_disc_radius(mean_pattern, threshold: float = 0.5) -> float:
+    """Radius [px] of the bright-field disc: ``sqrt(area / pi)`` of the half-maximum disc mask.
+
+    With the known probe semi-angle ``alpha`` [mrad] the detector sampling is ``alpha / radius`` [mrad/px].
+    """
+    mask = disc_mask(mean_pattern, threshold)
+    return float(math.sqrt(mask.sum() / math.pi))
+
+
+def minmax(patterns) -> np.ndarray:
+    """Per-pattern min-max normalisation to [0, 1]; (n, ky, kx) -> float32 (n, ky, kx). Flat patterns -> 0."""
+    x = np.asarray(patterns, dtype=np.float32)
+    lo = x.min(axis=(-2, -1), keepdims=True)
+    hi = x.max(axis=(-2, -1), keepdims=True)
+    return ((x - lo) / (hi - lo + _EPS)).astype(np.float32, copy=False)
+
+
+class Preprocessor:
+    """Bring raw patterns of one scan to the model input: (n, ky, kx) -> (n, size, size) float32.
+
+    Parameters
+    ----------
+    target_mrad_per_px : angular sampling of the model input [mrad/px] (the pattern library's).
+    convergence_mrad : probe semi-angle [mrad], used to derive the scan's sampling from the measured disc
+        radius when the scan has no calibration.
+    size : output side [px]; the disc centre lands on pixel ``(size // 2, size // 2)``.
+
+    Attributes (after ``fit_scan`` / ``fit_mean``)
+    ----------------------------------------------
+    center_ : (cy, cx) disc centre in the source patterns [px].
+    source_mrad_per_px_ : sampling of the source patterns [mrad/px].
+    info : dict saying how the centre and scale were obtained (``scale_source`` is 'calibration',
+        'disc_radius' or 'given').
+    """
+
+    def __init__(self, target_mrad_per_px: float, convergence_mrad: float, size: int = 64):
+        if not (target_mrad_per_px and target_mrad_per_px > 0):
+            raise ValueError(f"target_mrad_per_px must be > 0, got {target_mrad_per_px}")
+        if not (convergence_mrad and convergence_mrad > 0):
+            raise ValueError(f"convergence_mrad must be > 0, got {convergence_mrad}")
+        if int(size) < 8:
+            raise ValueError(f"size must be >= 8 px, got {size}")
+        self.target_mrad_per_px = float(target_mrad_per_px)
+        self.convergence_mrad = float(convergence_mrad)
+        self.size = int(size)
+        self.center_: tuple[float, float] | None = None
+        self.source_mrad_per_px_: float | None = None
+        self.hot_pixels_: np.ndarray = np.zeros((0, 2), int)
+        self.info: dict = {}
+
+    # ------------------------------------------------------------------ fitting
+    @property
+    def is_fitted(self) -> bool:
+        return self.center_ is not None and self.source_mrad_per_px_ is not None
+
+    def fit_mean(self, mean_pattern, mrad_per_px: float | None = None, center=None) -> Preprocessor:
+        """Fit the centre and source sampling from a mean pattern.
+
+        Parameters
+        ----------
+        mean_pattern : (ky, kx) mean of many patterns of the scan.
+        mrad_per_px : the scan's calibrated sampling [mrad/px]; None = derive it from the disc radius.
+        center : known (cy, cx) [px] (e.g. the library's optical axis); None = find it.
+        """
+        m = _check_image(mean_pattern, "mean_pattern")
+        info: dict = {"source_shape": list(m.shape)}
+        self.hot_pixels_ = find_hot_pixels(m)
+        if len(self.hot_pixels_):
+            m = _repair(m[None], self.hot_pixels_)[0]
+            info["hot_pixels"] = self.hot_pixels_.tolist()
+            log.info("preprocessor: %d hot pixel(s) replaced by their neighbours' mean", len(self.hot_pixels_))
+        if center is None:
+            cy, cx = find_disc_center(m)
+            info["center_source"] = "disc_com"
+        else:
+            cy, cx = float(center[0]), float(center[1])
+            info["center_source"] = "given"
+        radius = None
+        try:
+            radius = measure_disc_radius(m)
+        except ValueError:
+            if mrad_per_px is None:
+                raise
+        if mrad_per_px is not None and mrad_per_px > 0:
+            src = float(mrad_per_px)
+            info["scale_source"] = "calibration"
+        else:
+            if not radius or radius < 1.0:
+                raise ValueError(f"bright-field disc radius {radius} px is too small to derive the sampling")
+            src = self.convergence_mrad / radius
+            info["scale_source"] = "disc_radius"
+        info.update(
+            center=[cy, cx],
+            disc_radius_px=radius,
+            source_mrad_per_px=src,
+            zoom=src / self.target_mrad_per_px,
+        )
+        if radius:
+            info["disc_radius_mrad"] = radius * src
+        self.center_ = (cy, cx)
+        self.source_mrad_per_px_ = src
+        self.info = info
+        log.info(
+            "preprocessor: centre (%.2f, %.2f) px [%s], %.4f mrad/px [%s] -> %.4f mrad/px",
+            cy, cx, info["center_source"], src, info["scale_source"], self.target_mrad_per_px,
+        )
+        return self
+
+    def fit_scan(self, scan, *, max_patterns: int = 4096, batch_size: int = 256) -> Preprocessor:
+        """Fit from a scan (``polcore.io.Scan``): mean pattern of a subsample of positions.
+
+        Positions are read with ``scan.iter_batches``; when the scan has more than ``max_patterns`` positions
+        every k-th pattern of each batch is kept so that the subsample spans the whole scan. The sampling comes
+        from ``scan.meta.mrad_per_px`` when present, else from the measured disc radius and
+        ``convergence_mrad`` (the scan's own ``meta.convergence_mrad`` wins when given).
+
+        Parameters
+        ----------
+        scan : object with ``nav_shape``, ``iter_batches(batch_size)`` and ``meta`` (ScanMeta or None).
+        max_patterns : how many patterns the mean uses at most.
+        batch_size : batch size for ``iter_batches``.
+        """
+        n_total = int(np.prod(scan.nav_shape))
+        stride = max(1, math.ceil(n_total / max(1, int(max_patterns))))
+        acc = None
+        count = 0
+        seen = 0
+        for _, batch in scan.iter_batches(batch_size):
+            b = np.asarray(batch)
+            idx = np.arange(b.shape[0]) + seen
+            keep = (idx % stride) == 0
+            seen += b.shape[0]
+            if not keep.any():
+                continue
+            s = b[keep].astype(np.float64).sum(axis=0)
+            acc = s if acc is None else acc + s
+            count += int(keep.sum())
+        if acc is None or count == 0:
+            raise ValueError(f"scan {getattr(scan, 'path', '')!s} yielded no patterns")
+        meta = getattr(scan, "meta", None)
+        cal = getattr(meta, "mrad_per_px", None) if meta is not None else None
+        conv = getattr(meta, "convergence_mrad", None) if meta is not None else None
+        if conv and cal is None:
+            self.convergence_mrad = float(conv)
+        self.fit_mean(acc / count, mrad_per_px=cal)
+        self.info.update(n_mean_patterns=count, stride=stride, convergence_mrad=self.convergence_mrad)
+        return self
+
+    # ---------------------------------------------------------------- transform
+    def _source_coords(self, ky: int, kx: int):
+        """Source coordinates (rows, cols) of the output grid, each (size,)."""
+        zoom = self.target_mrad_per_px / self.source_mrad_per_px_  # source px per output px
+        o = np.arange(self.size, dtype=np.float64) - self.size // 2
+        cy, cx = self.center_
+        return cy + o * zoom, cx + o * zoom, zoom
+
+    def transform(self, patterns) -> np.ndarray:
+        """Resample about the disc centre to the target sampling, crop ``size`` x ``size``, min-max per pattern.
+
+        Parameters
+        ----------
+        patterns : (n, ky, kx) or (ky, kx) raw intensities.
+
+        Returns
+        -------
+        float32 (n, size, size) in [0, 1] (a single pattern gives (1, size, size)).
+        """
+        if not self.is_fitted:
+            raise RuntimeError("Preprocessor is not fitted: call fit_scan(scan) or fit_mean(mean_pattern) first")
+        from scipy import ndimage
+
+        x = np.asarray(patterns)
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3:
+            raise ValueError(f"patterns must be (n, ky, kx), got shape {x.shape}")
+        x = x.astype(np.float32, copy=False)
+        n, ky, kx = x.shape
+        if len(self.hot_pixels_) and self.info.get("source_shape") == [ky, kx]:
+            x = _repair(x, self.hot_pixels_)
+        rows, cols, zoom = self._source_coords(ky, kx)
+        # exact integer grid at the same sampling: plain crop (no interpolation)
+        r0, c0 = rows[0], cols[0]
+        if abs(zoom - 1.0) < 1e-9 and abs(r0 - round(r0)) < 1e-6 and abs(c0 - round(c0)) < 1e-6:
+            r0, c0 = int(round(r0)), int(round(c0))
+            if r0 >= 0 and c0 >= 0 and r0 + self.size <= ky and c0 + self.size <= kx:
+                return minmax(x[:, r0 : r0 + self.size, c0 : c0 + self.size])
+        if zoom >= 2.0:  # downsampling: area-average by an integer factor first (anti-aliasing)
+            b = int(zoom)
+            hy, hx = (ky // b) * b, (kx // b) * b
+            x = x[:, :hy, :hx].reshape(n, hy // b, b, hx // b, b).mean(axis=(2, 4))
+            rows = (rows - (b - 1) / 2.0) / b
+            cols = (cols - (b - 1) / 2.0) / b
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        out = np.empty((n, self.size, self.size), np.float32)
+        for i in range(n):
+            ndimage.map_coordinates(x[i], [rr, cc], output=out[i], order=1, mode="nearest")
+        return minmax(out)
+
+    # ------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict:
+        """JSON-able state (settings and fitted centre/scale)."""
+        return {
+            "target_mrad_per_px": self.target_mrad_per_px,
+            "convergence_mrad": self.convergence_mrad,
+            "size": self.size,
+            "center": None if self.center_ is None else [float(v) for v in self.center_],
+            "source_mrad_per_px": self.source_mrad_per_px_,
+            "hot_pixels": np.asarray(self.hot_pixels_).tolist(),
+            "info": _jsonable(self.info),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessor:
+        """Rebuild from :meth:`to_dict` output."""
+        p = cls(d["target_mrad_per_px"], d["convergence_mrad"], d.get("size", 64))
+        if d.get("center") is not None:
+            p.center_ = (float(d["center"][0]), float(d["center"][1]))
+        if d.get("source_mrad_per_px") is not None:
+            p.source_mrad_per_px_ = float(d["source_mrad_per_px"])
+        p.info = dict(d.get("info") or {})
+        p.hot_pixels_ = np.asarray(d.get("hot_pixels") or np.zeros((0, 2)), int).reshape(-1, 2)
+        return p
+
+    def unfitted_copy(self) -> Preprocessor:
+        """Same settings, no fitted state (to fit on another scan)."""
+        return Preprocessor(self.target_mrad_per_px, self.convergence_mrad, self.size)
+
+    def __repr__(self) -> str:
+        return (
+            f"Preprocessor(target_mrad_per_px={self.target_mrad_per_px:.4g}, convergence_mrad="
+            f"{self.convergence_mrad:.4g}, size={self.size}, center={self.center_}, "
+            f"source_mrad_per_px={self.source_mrad_per_px_})"
+        )
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+# --------------------------------------------------------------------------- CoM filter
+def com_magnitude(patterns, center=None) -> np.ndarray:
+    """Magnitude [px] of each pattern's centre-of-mass shift from the disc centre.
+
+    Parameters
+    ----------
+    patterns : (n, ky, kx) non-negative intensities (raw or min-max normalised).
+    center : (cy, cx) [px]; default the optical axis of a model input, ``(ky // 2, kx // 2)``.
+
+    Returns
+    -------
+    float64 (n,).
+    """
+    x = np.asarray(patterns, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"patterns must be (n, ky, kx), got shape {x.shape}")
+    _, ky, kx = x.shape
+    cy, cx = (ky // 2, kx // 2) if center is None else (float(center[0]), float(center[1]))
+    tot = x.sum(axis=(1, 2))
+    tot = np.where(np.abs(tot) < _EPS, np.nan, tot)
+    my = (x.sum(axis=2) @ np.arange(ky)) / tot
+    mx = (x.sum(axis=1) @ np.arange(kx)) / tot
+    return np.nan_to_num(np.hypot(my - cy, mx - cx), nan=0.0)
+
+
+def com_filter_mask(com) -> np.ndarray:
+    """The study's filter: keep patterns whose CoM-shift magnitude is above the mean of the group; (n,) bool."""
+    c = np.asarray(com, dtype=np.float64)
+    if c.size == 0:
+        return np.zeros(0, bool)
+    return c > c.mean()
+
+
+# --------------------------------------------------------------------------- augmentation
+class Augmenter:
+    """Training-only augmentations of normalised (n, K, K) patterns (never used at inference).
+
+    Each op is drawn independently per pattern with its probability, in this order: small disc shift
+    (+-``shift_px``, sub-pixel, p 0.3), Poisson dose (counts log-uniform in ``dose_range``, then min-max,
+    p 0.3), Gaussian blur (sigma 2-5 px, p 0.5), brightness/contrast (+-0.15, p 0.3), Gaussian noise
+    (std 0.01-0.05, p 0.2). Blur, brightness/contrast and noise follow the study; dose and shift are physical.
+
+    Parameters
+    ----------
+    rng : np.random.Generator (seeded by the caller).
+    p_* : probability of each op; set to 0 to disable it.
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        *,
+        p_blur: float = 0.5,
+        blur_sigma: tuple[float, float] = (2.0, 5.0),
+        p_brightness_contrast: float = 0.3,
+        brightness_contrast: float = 0.15,
+        p_noise: float = 0.2,
+        noise_std: tuple[float, float] = (0.01, 0.05),
+        p_dose: float = 0.3,
+        dose_range: tuple[float, float] = (1e3, 1e5),
+        p_shift: float = 0.3,
+        shift_px: float = 2.0,
+    ):
+        if not isinstance(rng, np.random.Generator):
+            raise ValueError("rng must be a numpy.random.Generator (np.random.default_rng(seed))")
+        for name, p in (("p_blur", p_blur), ("p_brightness_contrast", p_brightness_contrast),
+                        ("p_noise", p_noise), ("p_dose", p_dose), ("p_shift", p_shift)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p}")
+        self.rng = rng
+        self.p_blur, self.blur_sigma = p_blur, blur_sigma
+        self.p_bc, self.bc = p_brightness_contrast, brightness_contrast
+        self.p_noise, self.noise_std = p_noise, noise_std
+        self.p_dose, self.dose_range = p_dose, dose_range
+        self.p_shift, self.shift_px = p_shift, shift_px
+
+    def to_dict(self) -> dict:
+        """Settings (JSON-able) for checkpoint metadata."""
+        return {
+            "p_blur": self.p_blur, "blur_sigma": list(self.blur_sigma), "p_brightness_contrast": self.p_bc,
+            "brightness_contrast": self.bc, "p_noise": self.p_noise, "noise_std": list(self.noise_std),
+            "p_dose": self.p_dose, "dose_range": list(self.dose_range), "p_shift": self.p_shift,
+            "shift_px": self.shift_px,
+        }
+
+    def __call__(self, X) -> np.ndarray:
+        """Augmented copy of ``X`` (n, K, K) float32; the input is not modified."""
+        from scipy import ndimage
+
+        x = np.array(X, dtype=np.float32, copy=True)
+        if x.ndim != 3:
+            raise ValueError(f"X must be (n, K, K), got shape {x.shape}")
+        n = x.shape[0]
+        rng = self.rng
+        for i in np.flatnonzero(rng.random(n) < self.p_shift):
+            d = rng.uniform(-self.shift_px, self.shift_px, size=2)
+            x[i] = ndimage.shift(x[i], d, order=1, mode="nearest")
+        for i in np.flatnonzero(rng.random(n) < self.p_dose):
+            counts = math.exp(rng.uniform(math.log(self.dose_range[0]), math.log(self.dose_range[1])))
+            lam = np.clip(x[i], 0, None).astype(np.float64)
+            lam *= counts / max(lam.sum(), _EPS)
+            x[i] = minmax(rng.poisson(lam)[None])[0]
+        for i in np.flatnonzero(rng.random(n) < self.p_blur):
+            x[i] = ndimage.gaussian_filter(x[i], rng.uniform(*self.blur_sigma), mode="nearest")
+        sel = np.flatnonzero(rng.random(n) < self.p_bc)
+        if sel.size:
+            alpha = 1.0 + rng.uniform(-self.bc, self.bc, size=(sel.size, 1, 1))
+            beta = rng.uniform(-self.bc, self.bc, size=(sel.size, 1, 1))
+            x[sel] = (x[sel] * alpha + beta).astype(np.float32)
+        sel = np.flatnonzero(rng.random(n) < self.p_noise)
+        if sel.size:
+            std = rng.uniform(*self.noise_std, size=(sel.size, 1, 1))
+            x[sel] = (x[sel] + rng.standard_normal(x[sel].shape) * std).astype(np.float32)
+        return x
