@@ -357,7 +357,7 @@ def build_demo(db_path=DEFAULT_DB, *, profile="quick", progress=None, library=No
     for i, (name, path) in enumerate(paths.items()):
         kind, row, _ = DEFAULT_SCANS[name]
         ingest_scan(path, None, db_path, name=name, kind=kind, dataset=row, models=models,
-                    progress=lambda f, m, i=i: progress(0.6 + 0.3 * (i + f) / len(paths), f"{name}: {m}"))
+                    progress=lambda f, m, i=i, name=name: progress(0.6 + 0.3 * (i + f) / len(paths), f"{name}: {m}"))
     summary["inference_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     progress(0.9, "benchmark table")

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from polcore.simulate.library import PROFILES, _structure_for, rotate_entry, simulate_cell_scan
-from polcore.simulate.structure import VARIANTS, StructureParams, knn_supercell, rotate_vector_ccw, variant_class
+from polcore.simulate.structure import (
+    VARIANTS,
+    StructureParams,
+    knn_supercell,
+    rotate_vector_ccw,
+    variant_class,
+)
 from polcore.types import CLASS_NAMES, class_to_vector
 
 pytest.importorskip("abtem")

@@ -485,7 +485,7 @@ class PatternLibrary:
     variant_vector: np.ndarray
     thickness_nm: np.ndarray
     positions_frac: np.ndarray
-    configs: "object"  # pandas.DataFrame
+    configs: object  # pandas.DataFrame
     available: np.ndarray | None = None  # (C, T) bool: which (configuration, thickness) pairs were simulated
     defects: dict = field(default_factory=dict)
     defect_class: dict = field(default_factory=dict)

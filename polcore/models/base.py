@@ -1,0 +1,403 @@
+"""The network wrapper shared by the torch families: backbone -> neck -> head, scikit-learn style API.
+
+``TorchModel`` takes preprocessed patterns ``X`` (n, 64, 64) float32 (see :mod:`polcore.preprocess`) and offers
+``fit``, ``predict``, ``predict_proba`` (n, 8), ``embed`` (n, d) and ``infer`` (all three in one pass).
+Inference runs in eval mode under ``torch.no_grad`` in batches and never augments. CUDA is used when available.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from polcore.models.heads import ProtoHead, class_prototypes
+from polcore.types import N_CLASSES
+
+__all__ = ["InputNorm", "Net", "TorchModel", "default_device", "load_weights_file"]
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    """'cuda' when a GPU is visible to torch, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class InputNorm(nn.Module):
+    """Subtract the training set's mean pattern and divide by the global std of the residual.
+
+    Min-max normalised patterns differ between polarizations by a few percent of a bright disc that looks alike
+    in every pattern; removing the common mean pattern lets the networks see the small asymmetric residual
+    (measured on the default library: the custom CNN went from chance to 0.73 held-out accuracy at 20 nm in
+    7 epochs, against no progress without it). Fitted by ``TorchModel.fit`` on the training data and saved in
+    the state dict, so inference applies exactly the same transform.
+    """
+
+    def __init__(self, size: int, enabled: bool = True):
+        super().__init__()
+        self.enabled = bool(enabled)
+        self.register_buffer("mean", torch.zeros(1, 1, size, size))
+        self.register_buffer("scale", torch.ones(()))
+
+    @torch.no_grad()
+    def fit(self, X: np.ndarray) -> None:
+        """Set mean (K, K) and scale from training patterns X (n, K, K)."""
+        m = X.mean(axis=0, dtype=np.float64)
+        ss = sum(float(np.sum((X[i : i + 1024] - m) ** 2)) for i in range(0, X.shape[0], 1024))
+        sd = float(np.sqrt(ss / max(X.size, 1)))
+        self.mean.copy_(torch.as_tensor(m, dtype=torch.float32)[None, None])
+        self.scale.fill_(max(sd, 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale if self.enabled else x
+
+
+class Net(nn.Module):
+    """Input normalisation, ``backbone (n, 1, S, S) -> (n, F)``, neck ``Linear(F, hidden) + ReLU`` (the study's
+    decoder), head."""
+
+    def __init__(self, backbone: nn.Module, n_features: int, head: nn.Module, hidden: int = 512,
+                 input_size: int = 64, input_norm: bool = True):
+        super().__init__()
+        self.input_norm = InputNorm(input_size, enabled=input_norm)
+        self.backbone = backbone
+        self.neck = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU())
+        self.head = head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.backbone(self.input_norm(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def load_weights_file(net: nn.Module, path: str | Path) -> dict:
+    """Partially load a user's local state dict into ``net`` (never downloads).
+
+    Keys are matched as given or with the ``backbone.`` prefix (so a plain torchvision ResNet/VGG state dict
+    fits the backbone); a 3-channel stem weight is summed over its input channels to fit the 1-channel stem.
+    Tensors whose shape does not match are skipped. The file is read with ``torch.load(weights_only=True)``.
+
+    Returns
+    -------
+    dict with ``path``, ``loaded`` (list of keys) and ``skipped`` (list of keys) for the metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found (weights are never downloaded)")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    own = net.state_dict()
+    new, loaded, skipped = {}, [], []
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            continue
+        target = k if k in own else (f"backbone.{k}" if f"backbone.{k}" in own else None)
+        if target is None:
+            skipped.append(k)
+            continue
+        want = own[target].shape
+        if v.shape != want and v.ndim == 4 and v.shape[1] == 3 and want[1] == 1 and v.shape[0] == want[0]:
+            v = v.sum(dim=1, keepdim=True)
+        if v.shape != want:
+            skipped.append(k)
+            continue
+        new[target] = v.to(own[target].dtype)
+        loaded.append(target)
+    net.load_state_dict(new, strict=False)
+    log.info("weights %s: loaded %d tensors, skipped %d (%s)", path, len(loaded), len(skipped),
+             ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+    return {"path": str(path), "loaded": loaded, "skipped": skipped}
+
+
+def _as_input(X) -> np.ndarray:
+    x = np.asarray(X, dtype=np.float32)
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"X must be preprocessed patterns (n, K, K), got shape {x.shape}")
+    return x
+
+
+class TorchModel:
+    """A torch network of one family with one head, used like a scikit-learn estimator.
+
+    Parameters
+    ----------
+    family, head : registry names.
+    net : the :class:`Net`.
+    cfg : JSON-able build configuration (rebuilds the same architecture with ``build_model``).
+    device : 'cpu', 'cuda' or None (CUDA when available).
+
+    Attributes
+    ----------
+    meta : metadata dict (filled by training / checkpoints).
+    history_ : per-epoch dicts (epoch, train_loss, val_loss, val_acc, seconds) after ``fit``.
+    best_epoch_ : epoch whose weights were kept (lowest validation loss).
+    """
+
+    is_torch = True
+
+    def __init__(self, family: str, head: str, net: Net, cfg: dict, device: str | None = None):
+        self.family = family
+        self.head = head
+        self.net = net
+        self.cfg = dict(cfg)
+        self.device = torch.device(device or default_device())
+        self.net.to(self.device)
+        self.meta: dict = {"family": family, "head": head, "model_cfg": dict(cfg)}
+        self.history_: list[dict] = []
+        self.best_epoch_: int | None = None
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def input_size(self) -> int:
+        return int(self.cfg.get("input_size", 64))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.cfg.get("embed_dim", 128)) if self.head == "proto" else int(self.cfg.get("hidden", 512))
+
+    def n_parameters(self) -> int:
+        return int(sum(p.numel() for p in self.net.parameters()))
+
+    def to(self, device) -> TorchModel:
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        return self
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device).unsqueeze(1)
+
+    def __repr__(self) -> str:
+        return f"TorchModel(family={self.family!r}, head={self.head!r}, arch={self.cfg.get('arch')!r})"
+
+    # --------------------------------------------------------------- inference
+    @torch.no_grad()
+    def infer(self, X, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predictions, probabilities and embeddings in one pass (eval mode, no grad, no augmentation).
+
+        Parameters
+        ----------
+        X : (n, K, K) float32 preprocessed patterns.
+
+        Returns
+        -------
+        pred : int64 (n,); proba : float32 (n, 8), rows sum to 1; embedding : float32 (n, d).
+        """
+        x = _as_input(X)
+        was_training = self.net.training
+        self.net.eval()
+        preds, probas, embs = [], [], []
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                xb = self._tensor(x[i : i + batch_size])
+                h = self.net.features(xb)
+                out = self.net.head(h)
+                preds.append(self.net.head.predict(out).cpu().numpy())
+                probas.append(self.net.head.proba(out).float().cpu().numpy())
+                embs.append(self.net.head.embedding(h, out).float().cpu().numpy())
+        finally:
+            self.net.train(was_training)
+        if not preds:
+            return np.zeros(0, np.int64), np.zeros((0, N_CLASSES), np.float32), np.zeros((0, self.embed_dim), np.float32)
+        return (np.concatenate(preds).astype(np.int64), np.concatenate(probas), np.concatenate(embs))
+
+    def predict(self, X, batch_size: int = 512) -> np.ndarray:
+        """Class index (n,) int64 of each pattern."""
+        return self.infer(X, batch_size)[0]
+
+    def predict_proba(self, X, batch_size: int = 512) -> np.ndarray:
+        """Class probabilities (n, 8) float32; rows sum to 1."""
+        return self.infer(X, batch_size)[1]
+
+    def embed(self, X, batch_size: int = 512) -> np.ndarray:
+        """Feature vectors (n, d): the neck output (cls, reg; d = 512) or the embedding (proto; d = 128)."""
+        return self.infer(X, batch_size)[2]
+
+    # ------------------------------------------------------------------ losses
+    @torch.no_grad()
+    def evaluate_loss(self, X, y, batch_size: int = 512) -> tuple[float, float]:
+        """Mean loss and accuracy on (X, y) in eval mode.
+
+        The proto loss uses per-batch prototypes, so X is visited in a fixed shuffled order (mixed classes in
+        every batch); the caller passes the same arrays each epoch.
+        """
+        x = _as_input(X)
+        y = np.asarray(y, dtype=np.int64)
+        was_training = self.net.training
+        self.net.eval()
+        tot, n_ok, n = 0.0, 0, 0
+        try:
+            for i in range(0, x.shape[0], batch_size):
+                xb, yb = self._tensor(x[i : i + batch_size]), torch.from_numpy(y[i : i + batch_size]).to(self.device)
+                out = self.net(xb)
+                tot += float(self.net.head.loss(out, yb)) * len(yb)
+                if not (isinstance(self.net.head, ProtoHead) and not bool(self.net.head.has_prototypes)):
+                    n_ok += int((self.net.head.predict(out) == yb).sum())
+                n += len(yb)
+        finally:
+            self.net.train(was_training)
+        return tot / max(n, 1), n_ok / max(n, 1)
+
+    @torch.no_grad()
+    def set_prototypes(self, X, y, batch_size: int = 512, fallback_X=None, fallback_y=None) -> None:
+        """Store class prototypes (mean embeddings per class) computed from (X, y) in the proto head.
+
+        Classes absent from ``y`` take their prototype from ``(fallback_X, fallback_y)`` when given.
+        """
+        if not isinstance(self.net.head, ProtoHead):
+            raise ValueError(f"set_prototypes needs the proto head, this model has {self.head!r}")
+        emb = torch.from_numpy(self._raw_embed(X, batch_size)).to(self.device)
+        fb = None
+        missing = set(range(N_CLASSES)) - set(np.unique(np.asarray(y)).tolist())
+        if missing and fallback_X is not None and len(fallback_X):
+            fb_emb = torch.from_numpy(self._raw_embed(fallback_X, batch_size)).to(self.device)
+            fb = class_prototypes(fb_emb, torch.as_tensor(np.asarray(fallback_y), device=self.device))
+        protos = class_prototypes(emb, torch.as_tensor(np.asarray(y), device=self.device), fallback=fb)
+        self.net.head.set_prototypes(protos)
+
+    @torch.no_grad()
+    def _raw_embed(self, X, batch_size: int) -> np.ndarray:
+        x = _as_input(X)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            out = [self.net(self._tensor(x[i : i + batch_size])).float().cpu().numpy()
+                   for i in range(0, x.shape[0], batch_size)]
+        finally:
+            self.net.train(was_training)
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    # ---------------------------------------------------------------- training
+    def fit(
+        self,
+        X,
+        y,
+        X_val=None,
+        y_val=None,
+        *,
+        epochs: int = 20,
+        lr: float = 2e-4,
+        weight_decay: float = 1e-4,
+        batch_size: int = 128,
+        patience: int | None = 5,
+        augmenter: Callable[[np.ndarray], np.ndarray] | None = None,
+        seed: int = 0,
+        progress: Callable[[float, str], None] | None = None,
+    ) -> TorchModel:
+        """Train with Adam; early stopping on the validation loss; the best weights are kept.
+
+        Parameters
+        ----------
+        X, y : training patterns (n, K, K) float32 and classes (n,) int.
+        X_val, y_val : validation data (independent simulations, never a random pick of the training patterns);
+            None = no early stopping, the last epoch is kept (and proto prototypes come from the training data).
+        epochs, lr, weight_decay, batch_size : optimisation settings (the study: 20, 2e-4, 1e-4, 128).
+        patience : epochs without a lower validation loss before stopping (None = never stop early).
+        augmenter : callable (n, K, K) -> (n, K, K) applied to training batches only.
+        seed : seeds the batch order.
+        progress : optional ``progress(fraction, message)``.
+
+        Returns
+        -------
+        self
+        """
+        x = _as_input(X)
+        y = np.asarray(y, dtype=np.int64)
+        if x.shape[0] != y.shape[0] or x.shape[0] < 2:
+            raise ValueError(f"X and y must hold the same number (>= 2) of patterns, got {x.shape[0]}, {y.shape[0]}")
+        if y.min() < 0 or y.max() >= N_CLASSES:
+            raise ValueError(f"class indices must lie in 0..{N_CLASSES - 1}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        rng = np.random.default_rng(seed)
+        has_val = X_val is not None and y_val is not None and len(y_val) > 1
+        if has_val:
+            xv = _as_input(X_val)
+            yv = np.asarray(y_val, dtype=np.int64)
+            order = np.random.default_rng(seed + 1).permutation(len(yv))  # mixed classes per batch (proto loss)
+            xv, yv = xv[order], yv[order]
+        fb = slice(None, None, max(1, x.shape[0] // 4096))  # class-balanced-ish subset for prototype fallback
+        if self.net.input_norm.enabled:
+            self.net.input_norm.fit(x)
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=weight_decay)
+        n = x.shape[0]
+        drop_last = n > batch_size
+        n_batches = n // batch_size if drop_last else 1
+        best = (math.inf, None, None)
+        bad = 0
+        self.history_ = []
+        t_start = time.perf_counter()
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            self.net.train()
+            perm = rng.permutation(n)
+            tot = 0.0
+            for b in range(n_batches):
+                idx = np.sort(perm[b * batch_size : (b + 1) * batch_size]) if drop_last else perm
+                xb = x[idx]
+                if augmenter is not None:
+                    xb = augmenter(xb)
+                out = self.net(self._tensor(xb.astype(np.float32, copy=False)))
+                loss = self.net.head.loss(out, torch.from_numpy(y[idx]).to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach())
+                if progress is not None and (b % 10 == 0):
+                    progress(((epoch - 1) + (b + 1) / n_batches) / epochs, f"epoch {epoch}/{epochs}")
+            rec = {"epoch": epoch, "train_loss": tot / n_batches}
+            if has_val:
+                if isinstance(self.net.head, ProtoHead):
+                    self.set_prototypes(xv, yv, fallback_X=x[fb], fallback_y=y[fb])
+                vl, va = self.evaluate_loss(xv, yv)
+                rec.update(val_loss=vl, val_acc=va)
+            rec["seconds"] = time.perf_counter() - t0
+            self.history_.append(rec)
+            msg = f"epoch {epoch}/{epochs}: train loss {rec['train_loss']:.4f}"
+            if has_val:
+                msg += f", val loss {rec['val_loss']:.4f}, val acc {rec['val_acc']:.3f}"
+            log.info("%s %s (%.1f s)", self, msg, rec["seconds"])
+            if progress is not None:
+                progress(epoch / epochs, msg)
+            score = rec["val_loss"] if has_val else -epoch
+            if score < best[0]:
+                best = (score, epoch, {k: v.detach().clone() for k, v in self.net.state_dict().items()})
+                bad = 0
+            else:
+                bad += 1
+                if patience is not None and has_val and bad >= patience:
+                    log.info("%s: early stop after epoch %d (best %d)", self, epoch, best[1])
+                    break
+        if best[2] is not None:
+            self.net.load_state_dict(best[2])
+        self.best_epoch_ = best[1]
+        if isinstance(self.net.head, ProtoHead):
+            if has_val:
+                self.set_prototypes(xv, yv, fallback_X=x[fb], fallback_y=y[fb])
+            else:
+                self.set_prototypes(x, y)
+        self.net.eval()
+        self.meta["fit_seconds"] = time.perf_counter() - t_start
+        return self
+
+    # -------------------------------------------------------------- state dict
+    def state_dict(self) -> dict:
+        """Plain tensors on the CPU (for checkpoints)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+
+    def load_state_dict(self, sd: dict, strict: bool = True) -> None:
+        self.net.load_state_dict(sd, strict=strict)
