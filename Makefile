@@ -36,6 +36,7 @@ run: $(RUN_STAMP)
 
 ## test: set up (venv, packages, chromium) and run the default test suite (slow tests excluded)
 test: $(DEV_STAMP) chromium
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 ## test-all: every test, the slow ones included
