@@ -374,6 +374,37 @@ def build_demo(db_path=DEFAULT_DB, *, profile="quick", progress=None, library=No
     return summary
 
 
+def training_table(db_path=DEFAULT_DB) -> pd.DataFrame:
+    """Per stored model: held-out accuracy at the training thickness and at another thickness (library 'test'
+    configurations, from the checkpoint), accuracy on the experimental-like scans (stored runs), train seconds.
+    """
+    from polcore.models import read_checkpoint_meta
+    from polcore.store import PredictionStore, queries
+
+    store = PredictionStore(db_path)
+    models = queries.list_models(store)
+    bench = store.fetch_df(
+        """SELECT b.model_name, avg(b.accuracy) AS acc FROM bench b JOIN scans s ON s.dataset = b.dataset
+           WHERE s.kind = 'pseudo_experimental' GROUP BY b.model_name""")
+    exp = dict(zip(bench["model_name"], bench["acc"]))
+    rows = []
+    for m in models.itertuples():
+        try:
+            res = read_checkpoint_meta(m.checkpoint_path).get("train_result") or {}
+        except (OSError, ValueError):
+            res = {}
+        by_t = res.get("test_acc_by_thickness") or {}
+        train_t = (res.get("config") or {}).get("train_thickness_nm") or [20.0]
+        t0 = f"{float(train_t[0]):g}"
+        other = {k: v for k, v in by_t.items() if k != t0}
+        rows.append(dict(
+            model=m.name, family=m.family, head=m.head, n_train=res.get("n_train"),
+            heldout_train_thickness=by_t.get(t0), other_thickness=", ".join(f"{k} nm: {v:.3f}" for k, v in other.items()),
+            experimental_like=exp.get(m.name), train_seconds=m.train_seconds,
+        ))
+    return pd.DataFrame(rows)
+
+
 def analysis_report(db_path=DEFAULT_DB) -> pd.DataFrame:
     """Per finished run with ground truth: the dominant error period against the lattice period, the
     periodic fraction of the errors, the defect ROC-AUC of the irregularity score, and the model's domain gap.

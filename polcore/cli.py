@@ -108,14 +108,21 @@ def _cmd_ingest(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from polcore.bench import run_bench
+    import pandas as pd
+
+    from polcore.bench import run_bench, training_table
     from polcore.store import PredictionStore, queries
 
     t0 = time.perf_counter()
     run_bench(args.db)
     table = queries.pivot_benchmark(queries.benchmark_table(PredictionStore(args.db)))
-    print(table.to_string())
-    print(f"(accuracy, mean +- std over seeds; {time.perf_counter() - t0:.1f} s)")
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 3):
+        print(table.T.to_string())
+        print("\n(accuracy on each data set: mean +- std over seeds; rows = models, columns = data sets)\n")
+        print(training_table(args.db).to_string(index=False))
+        print("\n(heldout_train_thickness / other_thickness: library 'test' configurations; experimental_like: "
+              "mean over the experimental-like scans)")
+    print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
