@@ -164,6 +164,19 @@ def test_prototypical_loss_prefers_circularly_ordered_embeddings():
     assert torch.isfinite(loss) and torch.isfinite(e.grad).all()
 
 
+def test_prototypical_loss_euclidean_option():
+    """The study's (non-squared) distance: finite with gradient even where a sample is its class prototype."""
+    e = torch.randn(5, 8, requires_grad=True)
+    y = torch.tensor([0, 1, 1, 2, 2])  # class 0 has one member: distance 0 to its prototype
+    loss = prototypical_loss(e, y, distance="euclidean")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(e.grad).all()
+    with pytest.raises(ValueError, match="sqeuclidean, euclidean"):
+        prototypical_loss(e, y, distance="cosine")
+    m = build_model("custom_cnn", "proto", distance="euclidean", device="cpu")
+    assert m.net.head.distance == "euclidean" and m.cfg["distance"] == "euclidean"
+
+
 def test_proto_needs_prototypes():
     m = build_model("custom_cnn", "proto", device="cpu")
     with pytest.raises(RuntimeError, match="prototypes"):

@@ -54,6 +54,7 @@ _TORCH_CFG = {
     "sigma": 1.25,
     "temperature": 0.1,
     "kappa": 5.0,
+    "distance": "sqeuclidean",
     "input_size": 64,
     "input_norm": True,
 }
@@ -76,7 +77,8 @@ def build_model(family: str, head: str = "cls", **cfg):
     head : one of ``HEADS`` (``pca_knn`` has ``cls`` only).
     **cfg : torch families: ``arch`` (resnet: resnet18 | resnet34 | resnet50; vgg: vgg11_bn | vgg13_bn |
         vgg16_bn; custom_cnn: study), ``hidden`` (neck width, 512), ``embed_dim`` (proto, 128), ``sigma`` (proto
-        soft labels, 1.25 class steps), ``temperature`` (proto probabilities, 0.1), ``kappa`` (reg
+        soft labels, 1.25 class steps), ``distance`` (proto training distance: 'sqeuclidean' or the study's
+        'euclidean'), ``temperature`` (proto probabilities, 0.1), ``kappa`` (reg
         probabilities, 5), ``input_size`` (64), ``input_norm`` (True: subtract the training mean pattern and
         divide by the residual std, fitted in ``fit``; see ``base.InputNorm``), ``device`` ('cpu' | 'cuda'; default CUDA when available),
         ``weights_path`` (a local state-dict file to initialise from; never downloaded).
@@ -112,7 +114,7 @@ def build_model(family: str, head: str = "cls", **cfg):
     c["arch"] = c["arch"] or mod.DEFAULT_ARCH
     backbone, n_feat = mod.build_backbone(c["arch"], input_size=int(c["input_size"]))
     head_mod = make_head(head, int(c["hidden"]), embed_dim=int(c["embed_dim"]), sigma=float(c["sigma"]),
-                         temperature=float(c["temperature"]), kappa=float(c["kappa"]))
+                         temperature=float(c["temperature"]), kappa=float(c["kappa"]), distance=str(c["distance"]))
     net = Net(backbone, n_feat, head_mod, hidden=int(c["hidden"]), input_size=int(c["input_size"]),
               input_norm=bool(c["input_norm"]))
     model = TorchModel(family, head, net, c, device=device)

@@ -30,6 +30,7 @@ __all__ = [
     "make_head",
     "circular_soft_labels",
     "prototypical_loss",
+    "PROTO_DISTANCES",
     "class_prototypes",
     "vectors_to_class",
 ]
@@ -56,7 +57,11 @@ def circular_soft_labels(y, sigma: float = 1.25, n_classes: int = N_CLASSES) -> 
     return w / w.sum(dim=1, keepdim=True)
 
 
-def prototypical_loss(emb: torch.Tensor, y: torch.Tensor, sigma: float = 1.25) -> torch.Tensor:
+PROTO_DISTANCES: tuple[str, ...] = ("sqeuclidean", "euclidean")
+
+
+def prototypical_loss(emb: torch.Tensor, y: torch.Tensor, sigma: float = 1.25,
+                      distance: str = "sqeuclidean") -> torch.Tensor:
     """Prototypical loss with circular soft labels (the study's loss, without its zero-prototype fallback).
 
     Class prototypes are the batch means of the embeddings of each class present in the batch; classes absent
@@ -67,18 +72,26 @@ def prototypical_loss(emb: torch.Tensor, y: torch.Tensor, sigma: float = 1.25) -
     ----------
     emb : (n, d) embeddings.
     y : (n,) int class indices.
+    sigma : soft-label width [class steps].
+    distance : 'sqeuclidean' (softmax over negative squared distances, the default) or 'euclidean' (the
+        study's ``torch.cdist``; its gradient does not vanish for nearby embeddings, and on the default library
+        the custom CNN left the initial plateau sooner with it: 0.32 vs 0.20 held-out accuracy after 3 epochs
+        on 3840 patterns, one seed).
 
     Returns
     -------
-    Scalar tensor: KL(soft labels || softmax(-||emb - prototype||^2)), mean over the batch.
+    Scalar tensor: KL(soft labels || softmax(-distance(emb, prototype))), mean over the batch.
     """
+    if distance not in PROTO_DISTANCES:
+        raise ValueError(f"unknown proto distance {distance!r}; valid: {', '.join(PROTO_DISTANCES)}")
     y = y.long()
     onehot = F.one_hot(y, N_CLASSES).to(emb.dtype)  # (n, C)
     counts = onehot.sum(dim=0)  # (C,)
     present = counts > 0
     protos = (onehot.T @ emb) / counts.clamp(min=1.0)[:, None]  # (C, d)
-    d2 = torch.cdist(emb, protos).pow(2)  # (n, C) squared distances
-    logits = (-d2).masked_fill(~present[None, :], float("-inf"))
+    d2 = (emb[:, None, :] - protos[None, :, :]).pow(2).sum(dim=-1)  # (n, C) squared distances
+    dist = d2 if distance == "sqeuclidean" else torch.sqrt(d2 + 1e-12)
+    logits = (-dist).masked_fill(~present[None, :], float("-inf"))
     log_p = F.log_softmax(logits, dim=1)
     target = circular_soft_labels(y, sigma) * present[None, :].to(emb.dtype)
     target = target / target.sum(dim=1, keepdim=True)
@@ -177,14 +190,19 @@ class ProtoHead(nn.Module):
     embed_dim : embedding size (128 in the study).
     sigma : soft-label width [class steps].
     temperature : softmax temperature over cosine similarities for ``proba``.
+    distance : training distance of :func:`prototypical_loss` ('sqeuclidean' or 'euclidean').
     """
 
     name = "proto"
 
-    def __init__(self, hidden: int, embed_dim: int = 128, sigma: float = 1.25, temperature: float = 0.1):
+    def __init__(self, hidden: int, embed_dim: int = 128, sigma: float = 1.25, temperature: float = 0.1,
+                 distance: str = "sqeuclidean"):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if distance not in PROTO_DISTANCES:
+            raise ValueError(f"unknown proto distance {distance!r}; valid: {', '.join(PROTO_DISTANCES)}")
+        self.distance = distance
         self.fc = nn.Linear(hidden, embed_dim)
         self.sigma = float(sigma)
         self.temperature = float(temperature)
@@ -195,7 +213,7 @@ class ProtoHead(nn.Module):
         return self.fc(h)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return prototypical_loss(out, y, self.sigma)
+        return prototypical_loss(out, y, self.sigma, self.distance)
 
     def set_prototypes(self, protos: torch.Tensor) -> None:
         self.prototypes.copy_(protos.to(self.prototypes))
@@ -217,12 +235,12 @@ class ProtoHead(nn.Module):
 
 
 def make_head(head: str, hidden: int, *, embed_dim: int = 128, sigma: float = 1.25, temperature: float = 0.1,
-              kappa: float = 5.0) -> nn.Module:
+              kappa: float = 5.0, distance: str = "sqeuclidean") -> nn.Module:
     """Build a head module by name; unknown names raise ValueError listing the valid ones."""
     if head == "cls":
         return ClsHead(hidden)
     if head == "reg":
         return RegHead(hidden, kappa=kappa)
     if head == "proto":
-        return ProtoHead(hidden, embed_dim=embed_dim, sigma=sigma, temperature=temperature)
+        return ProtoHead(hidden, embed_dim=embed_dim, sigma=sigma, temperature=temperature, distance=distance)
     raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
