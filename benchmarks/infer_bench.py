@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     if args.child:
         rss_child(*args.child)
         return 0
-    families = [("custom_cnn", "cls"), ("resnet", "cls"), ("vgg", "cls"), ("custom_cnn", "proto"), ("pca_knn", "cls")]
+    families = [("custom_cnn", "cls"), ("resnet", "cls"), ("vgg", "cls"), ("pca_knn", "cls")]
     with tempfile.TemporaryDirectory(dir=ROOT / "data") as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()

@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from polcore.types import jsonable
+
 __all__ = [
     "find_hot_pixels",
     "find_disc_center",
@@ -348,7 +350,7 @@ class Preprocessor:
             "center": None if self.center_ is None else [float(v) for v in self.center_],
             "source_mrad_per_px": self.source_mrad_per_px_,
             "hot_pixels": np.asarray(self.hot_pixels_).tolist(),
-            "info": _jsonable(self.info),
+            "info": jsonable(self.info),
         }
 
     @classmethod
@@ -375,16 +377,7 @@ class Preprocessor:
         )
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj
+
 
 
 # --------------------------------------------------------------------------- CoM filter

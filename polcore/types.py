@@ -24,6 +24,7 @@ __all__ = [
     "vector_to_angle",
     "circular_class_distance",
     "polarization_angle",
+    "jsonable",
 ]
 
 #: Class names in index order; index k points at 45 deg * k counter-clockwise from +x.
@@ -104,3 +105,20 @@ class Filters:
 
     thickness: tuple[float, float] | None = None
     region: tuple[int, int, int, int] | None = None
+
+
+def jsonable(obj):
+    """A JSON-serialisable copy of ``obj``: numpy scalars/arrays to Python, paths to str, keys to str."""
+    from pathlib import PurePath
+
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, PurePath):
+        return str(obj)
+    return obj

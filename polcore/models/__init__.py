@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polcore.types import CLASS_NAMES
+from polcore.types import CLASS_NAMES, jsonable
 
 __all__ = [
     "FAMILIES",
@@ -157,18 +157,7 @@ def checkpoint_suffix(family: str) -> str:
     return ".npz" if family == "pca_knn" else ".pt"
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+
 
 
 def save_checkpoint(model, path, meta: dict | None = None) -> Path:
@@ -195,7 +184,7 @@ def save_checkpoint(model, path, meta: dict | None = None) -> Path:
         history=list(getattr(model, "history_", []) or []),
         best_epoch=getattr(model, "best_epoch_", None),
     )
-    m = _jsonable(m)
+    m = jsonable(m)
     meta_json = json.dumps(m)
     tmp = path.with_name(path.name + ".tmp")
     if model.family == "pca_knn":
