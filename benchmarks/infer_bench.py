@@ -112,15 +112,17 @@ def speed(scan_path: Path, families, batch: int) -> list[dict]:
 
 def rss_child(scan_path: str, db: str, out_json: str) -> None:
     """Runs in a child: ingest one scan with one (untrained, real) model; report peak RSS."""
+    import h5py
+
     from polcore import bench
     from polcore.models import build_model, save_checkpoint
     from polcore.preprocess import Preprocessor
-    from polcore.simulate import load_library
+    from polcore.simulate import DEFAULT_LIBRARY
 
-    lib = load_library()
-    del lib.patterns  # only the metadata is needed here
+    with h5py.File(DEFAULT_LIBRARY, "r") as f:  # the library's sampling only: do not load its patterns here
+        mrad, conv = float(f.attrs["mrad_per_px"]), float(f.attrs["convergence_mrad"])
     model = build_model("custom_cnn", "cls", device="cpu")
-    pre = Preprocessor(lib.meta["mrad_per_px"], lib.meta["convergence_mrad"])
+    pre = Preprocessor(mrad, conv)
     ck = save_checkpoint(model, Path(db).with_name("m.pt"), meta={"preprocessing": pre.to_dict(), "seed": 0})
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
@@ -138,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--big", type=int, default=256, help="side of the RSS-test scan [positions]")
     ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--rss-only", action="store_true", help="skip the speed table")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         small = _compose(tmp / "speed.h5", args.scan, args.det)
         print(f"composed {args.scan}x{args.scan} x {args.det}x{args.det} px in {time.perf_counter() - t:.0f} s")
-        rows = speed(small, families, args.batch)
+        rows = [] if args.rss_only else speed(small, families, args.batch)
         print(f"\n{'model':20s} {'project p/s':>12s} {'plain p/s':>10s} {'ratio':>6s} {'MFLOP/p':>8s} {'FLOP-bound p/s':>15s}")
         for r in rows:
             print(f"{r['model']:20s} {r['project_pps']:12.0f} {r['plain_torch_pps']:10.0f} {r['ratio']:6.2f} "
