@@ -110,6 +110,14 @@ def speed(scan_path: Path, families, batch: int) -> list[dict]:
     return rows
 
 
+def _vm_hwm_mb() -> float:
+    """Peak resident set of this process [MB] from /proc (unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_child(scan_path: str, db: str, out_json: str) -> None:
     """Runs in a child: ingest one scan with one (untrained, real) model; report peak RSS."""
     import h5py
@@ -124,12 +132,12 @@ def rss_child(scan_path: str, db: str, out_json: str) -> None:
     model = build_model("custom_cnn", "cls", device="cpu")
     pre = Preprocessor(mrad, conv)
     ck = save_checkpoint(model, Path(db).with_name("m.pt"), meta={"preprocessing": pre.to_dict(), "seed": 0})
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _vm_hwm_mb()
     t = time.perf_counter()
     models = bench.load_models([ck])
     bench.ingest_scan(scan_path, None, db, name="big", models=models)
     dt = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _vm_hwm_mb()
     Path(out_json).write_text(json.dumps(dict(peak_rss_mb=peak, rss_before_ingest_mb=base, seconds=dt)))
 
 
