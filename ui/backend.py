@@ -84,25 +84,12 @@ def ingest_scan(
         kw["dataset"] = dataset
     if "model_dir" in params:
         kw["model_dir"] = paths.data_dir() / "models"
-    return fn(path, model_names, db_path, **kw)
+    return fn(Path(path).resolve(), model_names, db_path, **kw)
 
 
-def ingest_or_rollback(
-    path: Path,
-    model_names: list[str],
-    db_path: Path,
-    progress=None,
-    name: str | None = None,
-    kind: str = "experimental",
-    dataset: str | None = None,
-) -> int:
-    """:func:`ingest_scan` with the database left as it was on failure.
-
-    ``polcore.bench.ingest_scan`` does the rollback itself (runs are one transaction each; a scan row the
-    call added is removed again when none of its runs was stored), so this only resolves the path.
-    """
-    return ingest_scan(Path(path).resolve(), model_names, db_path, progress=progress, name=name, kind=kind,
-                       dataset=dataset)
+#: ``polcore.bench.ingest_scan`` rolls a failed ingest back itself (runs are one transaction each; a scan row
+#: the call added is removed again when none of its runs was stored), so the pages' name is an alias.
+ingest_or_rollback = ingest_scan
 
 
 def available_models(model_dir: Path | None = None) -> dict[str, Path]:
