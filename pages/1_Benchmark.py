@@ -40,8 +40,45 @@ def _filtered_table(met: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _heldout_section() -> None:
+    """Held-out draws: per pattern and per unit cell by thickness, the models beside the physics limit."""
+    ho = D.heldout(ctx.tok)
+    if ho.empty:
+        return
+    st.subheader("Held-out simulations, beside the physics limit")
+    st.caption(
+        "Independent test draws of the training library (their own tilt, defocus, convergence, Nb displacement, "
+        "disorder and phonons), Poisson noise at the chosen dose. **Per unit cell**: the class log-probabilities "
+        "of the 64 probe positions of a cell summed. **Limit**: the ideal observer (maximum likelihood against "
+        "noise-free templates, probe position known) with every nuisance known, or with the nuisances "
+        "marginalised over the training draws."
+    )
+    c1, c2, c3 = st.columns(3)
+    roles = list(dict.fromkeys(ho["role"]))
+    role = c1.selectbox("Held-out set", roles, key="ho_role",
+                        format_func={"test": "test draws (all nuisances)",
+                                     "ideal_test": "ideal draws (zero tilt, nominal)"}.get)
+    sub = ho[ho["role"] == role]
+    doses = sorted(sub["dose"].dropna().unique().tolist())
+    dose = c2.selectbox("Dose [e-/pattern]", doses, index=doses.index(2e4) if 2e4 in doses else 0,
+                        key="ho_dose", format_func=lambda v: f"{v:g}")
+    value = c3.radio("Accuracy", ["per_cell", "per_pattern"], horizontal=True, key="ho_value",
+                     format_func={"per_cell": "per unit cell", "per_pattern": "per pattern"}.get)
+    sub = sub[sub["dose"] == dose]
+    if sub.empty:
+        st.info("No held-out rows at this dose.")
+        return
+    piv = sub.pivot_table(index=["kind", "name"], columns="thickness_nm", values=value).sort_index(
+        level=0, ascending=False)
+    piv.columns = [f"{t:g} nm" for t in piv.columns]
+    piv = piv.reset_index(level=0, drop=True)
+    st.dataframe(piv.style.format("{:.3f}", na_rep="–"), width="stretch")
+    download_table(sub, "heldout", key="dl_heldout")
+
+
 with guard("The benchmark page"):
     require_db(ctx)
+    _heldout_section()
     bench = D.bench(ctx.tok)
     if bench.empty:
         st.info("The benchmark table is empty: run `python -m polcore bench` (or build the demo).")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 DATA_DIR = Path(os.environ.get("POLBENCH_DATA", Path(__file__).resolve().parents[1] / "data"))
 DEFAULT_DB = Path(os.environ.get("POLBENCH_DB", DATA_DIR / "polbench.duckdb"))
 MODELS_DIR = DATA_DIR / "models"
+#: Checkpoints committed with the repository (trained on the draw library with ``train --profile cpu``).
+SHIPPED_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models" / "shipped"
 SCANS_DIR = DATA_DIR / "scans"
 CHECKPOINT_SUFFIXES = (".pt", ".npz")
 
@@ -193,10 +196,10 @@ def ingest_scan(path, model_names=None, db_path=DEFAULT_DB, *, progress=None, na
 
 
 def _run_models(store, scan_id, scan, gt, path, models, ids, db_path, progress, batch_size):
-    from polcore.analysis import irregularity
+    from polcore.analysis import estimate_cell_px, irregularity, pool_scan
     from polcore.infer import predict_scan_many
 
-    todo = [n for n in models if not store.has_run(ids[n], scan_id)]
+    todo = [n for n in models if not (store.has_run(ids[n], scan_id) and store.has_run(ids[n], scan_id, "cell"))]
     if not todo:
         progress(1.0, "already ingested")
         return
@@ -207,12 +210,27 @@ def _run_models(store, scan_id, scan, gt, path, models, ids, db_path, progress, 
     )
     cell_px = store.fetch_df("SELECT cell_px FROM scans WHERE scan_id = ?", [scan_id])["cell_px"].iloc[0]
     period = None if pd.isna(cell_px) else float(cell_px)
+    period_source = "calibration" if period is not None else None
+    if period is None and results:
+        period, prominence = estimate_cell_px(results[0].com)
+        period_source = f"scan periodicity (prominence {prominence:.0f})" if period else None
+        if period is None:
+            log.warning("%s: no lattice period (no calibration, no clear periodicity): no unit-cell layer", path)
     fdir = features_dir(db_path)
     fdir.mkdir(parents=True, exist_ok=True)
     for n, res in zip(todo, results):
         irr = irregularity(res.pred, res.probs, period_px=period)
+        cfg = dict(batch_size=batch_size, preprocessing=res.preprocess, cell_px=period, cell_px_source=period_source)
         store.write_run(ids[n], scan_id, _prediction_frame(res, gt, irr), seconds=res.seconds, device=res.device,
-                        config=dict(batch_size=batch_size, preprocessing=res.preprocess))
+                        config=cfg)
+        if period is not None:
+            cells = pool_scan(res.probs, period)
+            cres = copy.copy(res)
+            cres.pred, cres.probs, cres.confidence = cells["pred"], cells["probs"], cells["confidence"]
+            cirr = irregularity(cres.pred, cres.probs, period_px=period)
+            store.write_run(ids[n], scan_id, _prediction_frame(cres, gt, cirr), seconds=res.seconds,
+                            device=res.device, config={**cfg, "pooling": "sum of log-probabilities per cell block",
+                                                       "n_cells": cells["n_cells"]}, layer="cell")
         np.savez(fdir / f"scan{scan_id}_model{ids[n]}.npz", pos=res.sample_pos, features=res.features,
                  inputs=res.inputs)
     progress(1.0, f"stored {len(todo)} run(s) for scan {scan_id}")
@@ -225,13 +243,14 @@ def run_bench(db_path=DEFAULT_DB) -> pd.DataFrame:
     baseline and the mean +- std over seeds.
     """
     from polcore.analysis import accuracy, macro_f1, per_class_recall
-    from polcore.store import PredictionStore
+    from polcore.store import PredictionStore, queries
 
     store = PredictionStore(db_path)
     runs = store.fetch_df(
-        """SELECT r.run_id, m.model_id, m.name AS model_name, m.family, m.head, m.variant, m.seed, s.dataset
+        """SELECT r.run_id, m.model_id, m.name AS model_name, m.family, m.head, m.variant, m.seed,
+                  CASE WHEN r.layer = 'cell' THEN s.dataset || ? ELSE s.dataset END AS dataset
            FROM runs r JOIN models m USING (model_id) JOIN scans s USING (scan_id)
-           WHERE r.status = 'finished' AND s.has_ground_truth ORDER BY s.dataset, m.name"""
+           WHERE r.status = 'finished' AND s.has_ground_truth ORDER BY s.dataset, m.name""", [queries.CELL_SUFFIX]
     )
     rows = []
     for (mid, name, fam, head, var, seed, ds), g in runs.groupby(
@@ -328,11 +347,13 @@ def _labels_at(store, parts) -> pd.DataFrame:
         columns=["scan_id", "iy", "ix", "true_label", "thickness_nm"])
 
 
-def build_demo(db_path=DEFAULT_DB, *, profile="quick", progress=None, library=None) -> dict:
+def build_demo(db_path=DEFAULT_DB, *, profile=None, progress=None, library=None) -> dict:
     """Build everything the dashboard shows from the committed library; idempotent.
 
     Parameters
     ----------
+    profile : 'shipped' (the committed checkpoints, no training), 'quick' or 'paper' (train on the committed
+        library first); None = 'shipped' when ``data/models/shipped`` holds checkpoints, else 'quick'.
     progress : optional ``progress(fraction, message)``; fractions: training 0-0.55, scans 0.55-0.6,
         inference 0.6-0.9, bench + embeddings 0.9-1.
     Returns a summary dict with the elapsed time per step [s].
@@ -344,10 +365,18 @@ def build_demo(db_path=DEFAULT_DB, *, profile="quick", progress=None, library=No
     progress = progress or _noop
     t0 = time.perf_counter()
     summary = {}
+    if profile is None:  # the shipped checkpoints when the checkout has them, else train the quick profile
+        profile = "shipped" if checkpoints(SHIPPED_MODELS_DIR) else "quick"
     lib = library if library is not None else load_library()
-    out = MODELS_DIR / profile
-    progress(0.0, f"training the '{profile}' profile")
-    train_profile(profile, lib, out, progress=lambda f, m="": progress(0.55 * float(f), f"train: {m}"))
+    if profile == "shipped":
+        out = SHIPPED_MODELS_DIR
+        if not checkpoints(out):
+            raise FileNotFoundError(f"{out}: no shipped checkpoints; use --profile quick to train the demo models")
+        progress(0.55, f"using the shipped models in {out}")
+    else:
+        out = MODELS_DIR / profile
+        progress(0.0, f"training the '{profile}' profile")
+        train_profile(profile, lib, out, progress=lambda f, m="": progress(0.55 * float(f), f"train: {m}"))
     summary["train_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     paths = build_default_scans(SCANS_DIR, lib, progress=lambda d, t, m: progress(0.55 + 0.05 * d / t, m))
@@ -362,6 +391,9 @@ def build_demo(db_path=DEFAULT_DB, *, profile="quick", progress=None, library=No
     t3 = time.perf_counter()
     progress(0.9, "benchmark table")
     bench = run_bench(db_path)
+    from polcore.heldout import load_results
+
+    summary["heldout_rows"] = load_results(db_path, [out])
     progress(0.92, "embeddings and domain gap (UMAP compiles on first use)")
     summary["domain_gap_auc"] = compute_embeddings(db_path, progress=lambda f, m: progress(0.92 + 0.08 * f, m))
     summary["bench_rows"] = len(bench)

@@ -23,8 +23,37 @@ def _progress_printer(prefix: str):
     return progress
 
 
+def _cmd_simulate_draws(args) -> int:
+    from polcore.simulate.draws import DRAW_PROFILES, build_draws
+
+    cfg = DRAW_PROFILES[args.profile]
+    out = args.out
+    print(f"simulating the '{args.profile}' draw library with abTEM: {sum(cfg.counts.values())} draws "
+          f"({cfg.counts}), thicknesses {cfg.thickness_nm} nm, {cfg.phonon_snapshots} phonon snapshots "
+          f"({cfg.test_phonon_snapshots} for held-out draws); resumable, several processes may share it",
+          flush=True)
+    t0 = time.perf_counter()
+    with _tqdm_fraction(f"library {args.profile}") as bar:
+        made = build_draws(cfg, out, limit=args.limit, progress=bar)
+    print(f"simulated {len(made)} draw(s) in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def _tqdm_fraction(desc: str):
+    from polcore.train import TqdmProgress
+
+    return TqdmProgress(desc)
+
+
 def _cmd_simulate_library(args) -> int:
+    from polcore.simulate.draws import DRAW_PROFILES
     from polcore.simulate.library import PROFILES, build_library
+
+    if args.profile in DRAW_PROFILES and args.profile not in PROFILES:
+        return _cmd_simulate_draws(args)
+    if args.profile.startswith("draws-"):
+        args.profile = args.profile[len("draws-"):]
+        return _cmd_simulate_draws(args)
 
     cfg = PROFILES[args.profile]
     print(f"simulating the '{args.profile}' library with abTEM: {cfg.n_configs} configurations x 3 base variants, "
@@ -81,13 +110,26 @@ def _fraction_printer(prefix: str):
 
 
 def _cmd_train(args) -> int:
-    from polcore.simulate import load_library
-    from polcore.train import train_profile
+    from polcore.train import profile_configs, train_profile
 
     t0 = time.perf_counter()
-    lib = load_library(args.library)
+    cfgs = profile_configs(args.profile)
+    if cfgs and cfgs[0].data == "draws":
+        from polcore.simulate.draws import load_draws
+
+        lib = load_draws(args.draws)
+        print(f"draw library {lib.path}: " + ", ".join(f"{lib.n_draws(r)} {r}" for r in lib.roles()), flush=True)
+    else:
+        from polcore.simulate import load_library
+
+        lib = load_library(args.library)
     out = args.out or DATA / "models" / args.profile
-    results = train_profile(args.profile, lib, out, progress=_fraction_printer("train"))
+    only = None
+    if args.only:
+        only = lambda c: c.name in args.only or c.family in args.only  # noqa: E731
+    results = train_profile(args.profile, lib, out, progress=_fraction_printer("train"), only=only)
+    for r in results:
+        print(f"{r.name}: held-out per pattern {r.test_acc}, by thickness {r.test_acc_by_thickness}", flush=True)
     print(f"{len(results)} model(s) in {out} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
@@ -114,6 +156,8 @@ def _cmd_bench(args) -> int:
     from polcore.store import PredictionStore, queries
 
     t0 = time.perf_counter()
+    if args.limit or args.draw_curve or args.heldout:
+        return _cmd_bench_draws(args, t0)
     run_bench(args.db)
     table = queries.pivot_benchmark(queries.benchmark_table(PredictionStore(args.db)))
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.precision", 3):
@@ -122,6 +166,35 @@ def _cmd_bench(args) -> int:
         print(training_table(args.db).to_string(index=False))
         print("\n(heldout_train_thickness / other_thickness: library 'test' configurations; experimental_like: "
               "mean over the experimental-like scans)")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_bench_draws(args, t0: float) -> int:
+    import pandas as pd
+
+    from polcore import heldout
+
+    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.precision", 3):
+        if args.limit:
+            df = heldout.run_limit(args.draws, args.db, args.results)
+            print("physics limit (ideal observer; probe position and thickness known):")
+            print(df.pivot_table(index=["role", "name", "dose"], columns="thickness_nm",
+                                 values=["per_pattern", "per_cell"]).round(3).to_string())
+        if args.draw_curve:
+            df = heldout.run_draw_curve(args.draws, args.results)
+            print("nuisance-unknown ideal observer against the number of training draws (2e4 e-/pattern):")
+            print(df.pivot_table(index="n_train_draws", columns="thickness_nm",
+                                 values=["per_pattern", "per_cell"]).round(3).to_string())
+        if args.heldout:
+            df = heldout.model_heldout_rows(args.model_dir)
+            df.to_csv(args.results / "models_heldout.csv", index=False)
+            if len(df):
+                from polcore.store import PredictionStore
+
+                PredictionStore(args.db).write_heldout(df)
+            print(df.pivot_table(index=["role", "name", "dose"], columns="thickness_nm",
+                                 values=["per_pattern", "per_cell"]).round(3).to_string())
     print(f"({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -156,8 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="abTEM pattern library and scan composer")
     simsub = sim.add_subparsers(dest="what", required=True)
     lib = simsub.add_parser("library", help="simulate a pattern library with abTEM")
-    lib.add_argument("--profile", default="default", choices=["default", "paper", "tiny"])
-    lib.add_argument("--out", type=Path, default=None, help="output HDF5 (default data/library/knn_<profile>.h5)")
+    lib.add_argument("--profile", default="default", choices=["default", "paper", "tiny", "train", "draws-tiny"],
+                     help="default/paper/tiny: one-file libraries (the committed one is 'default'); train: the "
+                          "training library of independent nuisance draws (data/library/draws/train, resumable); "
+                          "draws-tiny: the same at test size")
+    lib.add_argument("--out", type=Path, default=None,
+                     help="output HDF5 (default data/library/knn_<profile>.h5), or the draws folder")
+    lib.add_argument("--limit", type=int, default=None, help="draw libraries: stop after this many draws")
     lib.set_defaults(func=_cmd_simulate_library)
 
     sc = simsub.add_parser("scan", help="compose a scan with ground truth from the library")
@@ -191,8 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     dfl.set_defaults(func=_cmd_simulate_defaults)
 
     tr = sub.add_parser("train", help="train a model profile on the pattern library")
-    tr.add_argument("--profile", default="quick", choices=["quick", "paper"])
+    tr.add_argument("--profile", default="quick", choices=["quick", "paper", "cpu"],
+                    help="quick/paper: the committed one-file library; cpu: the draw library (all thicknesses)")
     tr.add_argument("--library", type=Path, default=None)
+    tr.add_argument("--draws", type=Path, default=None,
+                    help="draw library folder (default ~/.cache/polbench/draws/train)")
+    tr.add_argument("--only", nargs="+", default=None, help="train only these run names or families")
     tr.add_argument("--out", type=Path, default=None, help="checkpoint folder (default data/models/<profile>)")
     tr.set_defaults(func=_cmd_train)
 
@@ -205,13 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--kind", default="experimental", choices=["synthetic", "pseudo_experimental", "experimental"])
     ing.set_defaults(func=_cmd_ingest)
 
-    be = sub.add_parser("bench", help="the study's benchmark table from the stored runs")
+    be = sub.add_parser("bench", help="the study's benchmark table from the stored runs; --limit, --draw-curve "
+                                      "and --heldout work on the draw library")
     be.add_argument("--db", type=Path, default=DEFAULT_DB)
+    be.add_argument("--limit", action="store_true",
+                    help="the physics limit: ideal observer on the held-out draws (nuisances known / unknown)")
+    be.add_argument("--draw-curve", action="store_true",
+                    help="nuisance-unknown accuracy against the number of training draws")
+    be.add_argument("--heldout", action="store_true", help="held-out rows of every draw-trained checkpoint")
+    be.add_argument("--draws", type=Path, default=None, help="draw library folder")
+    be.add_argument("--model-dir", type=Path, nargs="+", default=[DATA / "models"])
+    be.add_argument("--results", type=Path, default=Path("docs") / "results", help="CSV/PNG output folder")
     be.set_defaults(func=_cmd_bench)
 
     de = sub.add_parser("demo", help="build the demo database from the committed library (idempotent)")
     de.add_argument("--db", type=Path, default=DEFAULT_DB)
-    de.add_argument("--profile", default="quick", choices=["quick", "paper"])
+    de.add_argument("--profile", default=None, choices=["shipped", "quick", "paper"],
+                    help="shipped: the committed checkpoints (data/models/shipped, no training); quick/paper: "
+                         "train on the committed library first; default: shipped when present, else quick")
     de.set_defaults(func=_cmd_demo)
 
     an = sub.add_parser("analyze", help="periodic errors, defect ROC-AUC and domain gap per run")

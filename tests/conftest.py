@@ -41,3 +41,14 @@ def default_library():
     if not DEFAULT_LIBRARY.exists():
         pytest.fail(f"the committed default library is missing: {DEFAULT_LIBRARY}")
     return load_library(DEFAULT_LIBRARY)
+
+
+@pytest.fixture(scope="session")
+def tiny_draws(tmp_path_factory):
+    """A real abTEM draw library of the 'tiny' profile (about 10 s to simulate)."""
+    pytest.importorskip("abtem")
+    from polcore.simulate.draws import build_draws, load_draws
+
+    out = tmp_path_factory.mktemp("draws") / "tiny"
+    build_draws("tiny", out)
+    return load_draws(out)

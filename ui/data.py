@@ -118,13 +118,19 @@ def runs(tok: tuple) -> pd.DataFrame:
     return _q().list_runs(store())
 
 
-def find_run(tok: tuple, scan_id: int | None, model_name: str | None) -> int | None:
-    """run_id of ``model_name`` on ``scan_id``, or None."""
+def find_run(tok: tuple, scan_id: int | None, model_name: str | None, layer: str = "pattern") -> int | None:
+    """run_id of ``model_name`` on ``scan_id`` in ``layer`` ('pattern' or 'cell'), or None."""
     if scan_id is None or model_name is None:
         return None
     r = runs(tok)
-    sel = r[(r["scan_id"] == int(scan_id)) & (r["model"] == model_name)]
+    sel = r[(r["scan_id"] == int(scan_id)) & (r["model"] == model_name) & (r["layer"] == layer)]
     return None if sel.empty else int(sel["run_id"].iloc[0])
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def heldout(tok: tuple) -> pd.DataFrame:
+    """Held-out accuracy on the draw library, models and the physics limit (``queries.heldout_table``)."""
+    return _q().heldout_table(store())
 
 
 @st.cache_data(show_spinner=False, max_entries=_ENTRIES)

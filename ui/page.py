@@ -79,6 +79,7 @@ class PageContext:
     scan: pd.Series | None = None
     model: pd.Series | None = None
     run_id: int | None = None
+    layer: str = "pattern"
 
 
 def short_error(exc: BaseException) -> str:
@@ -207,7 +208,20 @@ def _sidebar_filters(ctx: PageContext) -> None:
     _select(sb, "Model", names, "f_model", "w_model", help="Models with a stored run on the selected scan.")
     name = st.session_state.get("f_model")
     ctx.model = None if name is None else models[models["name"] == name].iloc[0]
-    ctx.run_id = data.find_run(ctx.tok, scan_id, name)
+    layers = list(state.LAYER_LABELS)
+    st.session_state["w_layer"] = state.current_layer()
+    sb.radio(
+        "Prediction layer",
+        layers,
+        key="w_layer",
+        format_func=state.LAYER_LABELS.get,
+        horizontal=True,
+        on_change=_bind("w_layer", "f_layer"),
+        help="Per pattern: each probe position's own class. Per unit cell: the class log-probabilities of the "
+             "positions in each projected unit cell summed, the cell's class shown at each of its positions.",
+    )
+    ctx.layer = state.current_layer()
+    ctx.run_id = data.find_run(ctx.tok, scan_id, name, ctx.layer)
 
     bounds = data.thickness_bounds(ctx.tok)
     if bounds is not None and bounds[1] > bounds[0]:

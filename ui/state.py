@@ -12,6 +12,7 @@ state key      URL param   value
 ``f_model``    model       model name
 ``f_th``       th          thickness range (lo, hi) [nm], URL ``lo-hi``; None = all
 ``f_region``   region      (y0, y1, x0, x1) inclusive scan pixels, URL ``y0,y1,x0,x1``
+``f_layer``    layer       'pattern' (per probe position) or 'cell' (pooled per unit cell)
 =============  ==========  ===========================================================
 """
 
@@ -37,12 +38,15 @@ __all__ = [
     "current_filters",
     "set_region",
     "clear_region",
+    "LAYER_LABELS",
+    "parse_layer",
+    "current_layer",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Plain session-state keys of the shared filters.
-STATE_KEYS: tuple[str, ...] = ("f_dataset", "f_scan", "f_model", "f_th", "f_region")
+STATE_KEYS: tuple[str, ...] = ("f_dataset", "f_scan", "f_model", "f_th", "f_region", "f_layer")
 #: URL parameter of each state key.
 PARAM_OF: dict[str, str] = {
     "f_dataset": "dataset",
@@ -50,7 +54,10 @@ PARAM_OF: dict[str, str] = {
     "f_model": "model",
     "f_th": "th",
     "f_region": "region",
+    "f_layer": "layer",
 }
+#: The prediction layers (``runs.layer``) and their labels.
+LAYER_LABELS: dict[str, str] = {"pattern": "per pattern", "cell": "per unit cell"}
 _LOADED = "_qp_loaded"
 
 
@@ -124,12 +131,21 @@ def _parse_str(text: str | None) -> str | None:
     return str(text) if text is not None and str(text).strip() else None
 
 
+def parse_layer(text: str | None) -> str | None:
+    """'pattern' or 'cell'; empty -> None (= 'pattern'). Raises ValueError for anything else."""
+    v = _parse_str(text)
+    if v is not None and v not in LAYER_LABELS:
+        raise ValueError(f"layer must be one of {', '.join(LAYER_LABELS)}, got {text!r}")
+    return v
+
+
 _PARSERS = {
     "f_dataset": _parse_str,
     "f_scan": _parse_scan,
     "f_model": _parse_str,
     "f_th": parse_thickness,
     "f_region": parse_region,
+    "f_layer": parse_layer,
 }
 _FORMATTERS = {
     "f_dataset": lambda v: None if v is None else str(v),
@@ -137,6 +153,7 @@ _FORMATTERS = {
     "f_model": lambda v: None if v is None else str(v),
     "f_th": format_thickness,
     "f_region": format_region,
+    "f_layer": lambda v: None if v in (None, "pattern") else str(v),
 }
 
 
@@ -209,3 +226,10 @@ def set_region(region: tuple[int, int, int, int] | None, state=None) -> None:
 def clear_region(state=None) -> None:
     """Clear the region filter (callback of the sidebar's 'clear region' button)."""
     set_region(None, state)
+
+
+def current_layer(state=None) -> str:
+    """The selected prediction layer: 'pattern' (default) or 'cell'."""
+    state = st.session_state if state is None else state
+    v = state.get("f_layer")
+    return v if v in LAYER_LABELS else "pattern"

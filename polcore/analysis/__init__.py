@@ -4,6 +4,7 @@ Pure numpy / scipy / scikit-learn (umap imported inside :func:`embed_2d`); input
 DataFrames, never database handles.
 """
 
+from polcore.analysis.cells import cell_blocks, estimate_cell_px, pool_scan
 from polcore.analysis.defects import (
     IRREGULARITY_TERMS,
     candidate_regions,
@@ -30,6 +31,9 @@ from polcore.analysis.metrics import (
 from polcore.analysis.periodic import PeriodicityResult, com_relation, fold_to_cell, periodicity
 
 __all__ = [
+    "cell_blocks",
+    "estimate_cell_px",
+    "pool_scan",
     # metrics
     "CIRCULAR_ERROR_DEG",
     "accuracy",

@@ -394,6 +394,95 @@ class TorchModel:
         self.meta["fit_seconds"] = time.perf_counter() - t_start
         return self
 
+    def fit_stream(
+        self,
+        sample: Callable[[int], tuple[np.ndarray, np.ndarray]],
+        X_val,
+        y_val,
+        *,
+        steps: int,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        eval_every: int = 250,
+        patience: int | None = None,
+        norm_X=None,
+        progress: Callable[[float, str], None] | None = None,
+    ) -> TorchModel:
+        """Train on freshly sampled batches (a library too large to visit, augmented on the fly).
+
+        Adam with a cosine learning-rate decay to 2 % of ``lr`` over ``steps``; every ``eval_every`` steps the
+        validation loss is measured and the weights with the lowest one are kept (``history_`` records each
+        evaluation as an "epoch" of ``eval_every`` steps).
+
+        Parameters
+        ----------
+        sample : ``sample(step) -> (X (n, K, K) float32 model input, y (n,) int)``: a seeded batch.
+        X_val, y_val : fixed validation set (independent simulations).
+        steps : optimisation steps.
+        patience : evaluations without a lower validation loss before stopping (None = never).
+        norm_X : patterns for the input normalisation (default: a few sampled batches).
+        progress : optional ``progress(fraction, message)``.
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        xv = _as_input(X_val)
+        yv = np.asarray(y_val, dtype=np.int64)
+        order = np.random.default_rng(1).permutation(len(yv))  # mixed classes per batch (proto loss)
+        xv, yv = xv[order], yv[order]
+        if self.net.input_norm.enabled:
+            if norm_X is None:
+                norm_X = np.concatenate([sample(-1 - i)[0] for i in range(8)])
+            self.net.input_norm.fit(_as_input(norm_X))
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
+        best = (math.inf, None, None)
+        bad = 0
+        self.history_ = []
+        t_start = time.perf_counter()
+        t0 = time.perf_counter()
+        tot, nb = 0.0, 0
+        for step in range(1, steps + 1):
+            self.net.train()
+            xb, yb = sample(step)
+            out = self.net(self._tensor(np.asarray(xb, np.float32)))
+            loss = self.net.head.loss(out, torch.as_tensor(np.asarray(yb), dtype=torch.int64, device=self.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss.detach())
+            nb += 1
+            if step % eval_every and step != steps:
+                continue
+            if isinstance(self.net.head, ProtoHead):
+                self.set_prototypes(xv, yv)
+            vl, va = self.evaluate_loss(xv, yv)
+            rec = {"epoch": len(self.history_) + 1, "step": step, "train_loss": tot / max(nb, 1), "val_loss": vl,
+                   "val_acc": va, "lr": float(sched.get_last_lr()[0]), "seconds": time.perf_counter() - t0}
+            self.history_.append(rec)
+            tot, nb, t0 = 0.0, 0, time.perf_counter()
+            msg = f"step {step}/{steps}: train loss {rec['train_loss']:.4f}, val loss {vl:.4f}, val acc {va:.3f}"
+            log.info("%s %s", self, msg)
+            if progress is not None:
+                progress(step / steps, msg)
+            if vl < best[0]:
+                best = (vl, rec["epoch"], {k: v.detach().clone() for k, v in self.net.state_dict().items()})
+                bad = 0
+            else:
+                bad += 1
+                if patience is not None and bad >= patience:
+                    log.info("%s: early stop at step %d (best evaluation %d)", self, step, best[1])
+                    break
+        if best[2] is not None:
+            self.net.load_state_dict(best[2])
+        self.best_epoch_ = best[1]
+        if isinstance(self.net.head, ProtoHead):
+            self.set_prototypes(xv, yv)
+        self.net.eval()
+        self.meta["fit_seconds"] = time.perf_counter() - t_start
+        return self
+
     # -------------------------------------------------------------- state dict
     def state_dict(self) -> dict:
         """Plain tensors on the CPU (for checkpoints)."""

@@ -46,6 +46,8 @@ __all__ = [
     "domain_gaps",
     "thickness_range",
     "metrics_by_run",
+    "heldout_table",
+    "CELL_SUFFIX",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,14 @@ BENCH_METRICS: tuple[str, ...] = ("accuracy", "macro_f1")
 MAJORITY = "majority"
 
 _PRED_COLS = "iy, ix, pred, confidence, true_label, thickness_nm, region, is_defect, irregularity"
+#: Suffix of a benchmark data set scored on the unit-cell layer (``runs.layer = 'cell'``).
+CELL_SUFFIX = " (per cell)"
+
 _RUN_COLS = (
     "r.run_id, r.model_id, m.name AS model, m.family, m.head, m.variant, m.seed, r.scan_id, s.name AS scan, "
     "s.kind, s.dataset, s.ny, s.nx, s.cell_px, s.has_ground_truth, r.n_patterns, r.seconds, "
     "r.patterns_per_s, "
-    "r.device, r.started_at, r.finished_at"
+    "r.device, r.started_at, r.finished_at, r.layer"
 )
 
 
@@ -199,8 +204,12 @@ def _list_runs(
     scan_ids: list[int] | None = None,
     dataset: str | None = None,
     kind: str | None = None,
+    layer: str | None = None,
 ) -> pd.DataFrame:
     conds, params = ["r.status = 'finished'"], []
+    if layer is not None:
+        conds.append("r.layer = ?")
+        params.append(str(layer))
     for col, ids in (("r.run_id", run_ids), ("r.model_id", model_ids), ("r.scan_id", scan_ids)):
         if ids is not None:
             if not ids:
@@ -231,14 +240,15 @@ def list_runs(
     scan_ids: int | Iterable[int] | None = None,
     dataset: str | None = None,
     kind: str | None = None,
+    layer: str | None = None,
 ) -> pd.DataFrame:
-    """Finished runs joined with their model and scan.
+    """Finished runs joined with their model and scan (``layer`` 'pattern' or 'cell'; None = both).
 
     Returns
     -------
     DataFrame
         run_id, model_id, model, family, head, variant, seed, scan_id, scan, kind, dataset, ny, nx, cell_px,
-        has_ground_truth, n_patterns, seconds [s], patterns_per_s, device, started_at, finished_at.
+        has_ground_truth, n_patterns, seconds [s], patterns_per_s, device, started_at, finished_at, layer.
     """
     with store.connect() as con:
         return _list_runs(
@@ -248,6 +258,7 @@ def list_runs(
             scan_ids=_ids(scan_ids),
             dataset=dataset,
             kind=kind,
+            layer=layer,
         )
 
 
@@ -376,7 +387,9 @@ def benchmark_table(store: PredictionStore) -> pd.DataFrame:
             "GROUP BY model_id) r ON r.model_id = m.model_id ORDER BY b.bench_id"
         )
         datasets = list(dict.fromkeys(bench["dataset"]))
-        label_counts = _dataset_label_counts(con, datasets)
+        base = {ds: ds.removesuffix(CELL_SUFFIX) for ds in datasets}
+        base_counts = _dataset_label_counts(con, sorted(set(base.values())))
+        label_counts = {ds: base_counts[b] for ds, b in base.items() if b in base_counts}
     rows = []
     for (ds, fam, head, var), sub in bench.groupby(["dataset", "family", "head", "variant"], sort=False):
         pcr = np.stack([_recall_vector(r) for r in sub["per_class_recall"]])
@@ -777,3 +790,30 @@ def metrics_by_run(
         out["macro_f1"] = np.where(present.any(axis=1), f1.sum(axis=1) / present.sum(axis=1), np.nan)
         out["mean_confidence"] = np.where(n_conf > 0, conf_sum / np.maximum(n_conf, 1), np.nan)
     return out
+
+
+# ------------------------------------------------------------------------------------------ held-out draws
+
+
+def heldout_table(store: PredictionStore, *, role: str | None = None, dose: float | None = None) -> pd.DataFrame:
+    """Held-out accuracy on the draw library (models and the physics limit), tidy.
+
+    Returns
+    -------
+    DataFrame
+        name, kind ('model' / 'limit'), role, dose, thickness_nm, per_pattern, per_cell, library_sha256;
+        sorted by kind (models first), name and thickness.
+    """
+    conds, params = [], []
+    if role is not None:
+        conds.append("role = ?")
+        params.append(str(role))
+    if dose is not None:
+        conds.append("dose = ?")
+        params.append(float(dose))
+    with store.connect() as con:
+        return con.df(
+            "SELECT name, kind, role, dose, thickness_nm, per_pattern, per_cell, library_sha256 FROM heldout"
+            f"{_where(conds)} ORDER BY kind DESC, name, thickness_nm",
+            params,
+        )

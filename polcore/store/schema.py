@@ -49,6 +49,7 @@ from __future__ import annotations
 
 __all__ = [
     "SCHEMA_VERSION",
+    "LAYERS",
     "SCAN_KINDS",
     "SCAN_STATUSES",
     "RUN_STATUSES",
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 #: Version of the layout below; stored in ``schema_version``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Valid ``scans.kind`` values.
 SCAN_KINDS: tuple[str, ...] = ("synthetic", "pseudo_experimental", "experimental")
@@ -66,6 +67,9 @@ SCAN_KINDS: tuple[str, ...] = ("synthetic", "pseudo_experimental", "experimental
 SCAN_STATUSES: tuple[str, ...] = ("ready", "ingesting", "failed")
 #: Valid ``runs.status`` values ('running' is never visible outside its own transaction).
 RUN_STATUSES: tuple[str, ...] = ("running", "finished")
+#: Valid ``runs.layer`` values: per probe position, or per projected unit cell (class log-probabilities of
+#: the cell's positions pooled, the cell's class written at each of its positions).
+LAYERS: tuple[str, ...] = ("pattern", "cell")
 #: Valid ``embeddings.space`` values.
 EMBEDDING_SPACES: tuple[str, ...] = ("input", "features")
 
@@ -79,6 +83,7 @@ TABLES: tuple[str, ...] = (
     "embeddings",
     "domain_gap",
     "bench",
+    "heldout",
     "analysis_cache",
     "id_counters",
 )
@@ -140,7 +145,8 @@ DDL: tuple[str, ...] = (
         patterns_per_s DOUBLE,
         device VARCHAR,
         config_json VARCHAR,
-        UNIQUE (model_id, scan_id)
+        layer VARCHAR NOT NULL DEFAULT 'pattern' CHECK (layer IN {_in(LAYERS)}),
+        UNIQUE (model_id, scan_id, layer)
     )""",
     """CREATE TABLE IF NOT EXISTS predictions (
         run_id INTEGER NOT NULL,
@@ -194,6 +200,18 @@ DDL: tuple[str, ...] = (
         n BIGINT,
         created_at TIMESTAMP NOT NULL,
         UNIQUE (model_name, dataset)
+    )""",
+    """CREATE TABLE IF NOT EXISTS heldout (
+        name VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL CHECK (kind IN ('model', 'limit')),
+        role VARCHAR NOT NULL,
+        dose DOUBLE,
+        thickness_nm DOUBLE NOT NULL,
+        per_pattern DOUBLE,
+        per_cell DOUBLE,
+        library_sha256 VARCHAR,
+        created_at TIMESTAMP NOT NULL,
+        UNIQUE (name, role, dose, thickness_nm)
     )""",
     """CREATE TABLE IF NOT EXISTS analysis_cache (
         key VARCHAR PRIMARY KEY,

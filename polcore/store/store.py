@@ -54,7 +54,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from polcore.store.schema import DDL, EMBEDDING_SPACES, SCAN_KINDS, SCAN_STATUSES, SCHEMA_VERSION, TABLES
+from polcore.store.schema import (
+    DDL,
+    EMBEDDING_SPACES,
+    LAYERS,
+    SCAN_KINDS,
+    SCAN_STATUSES,
+    SCHEMA_VERSION,
+    TABLES,
+)
 from polcore.types import N_CLASSES
 
 __all__ = [
@@ -631,18 +639,19 @@ class PredictionStore:
 
     # --------------------------------------------------------------------------------------------- runs
 
-    def find_run(self, model_id: int, scan_id: int) -> int | None:
-        """run_id of the finished run of ``model_id`` on ``scan_id``, or None."""
+    def find_run(self, model_id: int, scan_id: int, layer: str = "pattern") -> int | None:
+        """run_id of the finished run of ``model_id`` on ``scan_id`` in ``layer``, or None."""
+        _check_layer(layer)
         with self.connect(read_only=True) as con:
             rid = con.scalar(
-                "SELECT run_id FROM runs WHERE model_id = ? AND scan_id = ? AND status = 'finished'",
-                [int(model_id), int(scan_id)],
+                "SELECT run_id FROM runs WHERE model_id = ? AND scan_id = ? AND layer = ? AND status = 'finished'",
+                [int(model_id), int(scan_id), layer],
             )
         return None if rid is None else int(rid)
 
-    def has_run(self, model_id: int, scan_id: int) -> bool:
+    def has_run(self, model_id: int, scan_id: int, layer: str = "pattern") -> bool:
         """Whether a finished run of ``model_id`` on ``scan_id`` is stored (check before predicting)."""
-        return self.find_run(model_id, scan_id) is not None
+        return self.find_run(model_id, scan_id, layer) is not None
 
     def write_run(
         self,
@@ -654,6 +663,7 @@ class PredictionStore:
         device: str,
         config: Mapping[str, Any] | None = None,
         replace: bool = False,
+        layer: str = "pattern",
     ) -> int:
         """Store one run's per-position predictions in a single transaction.
 
@@ -678,6 +688,9 @@ class PredictionStore:
         replace : bool
             If a finished run of this (model, scan) exists: False returns its run_id unchanged and writes
             nothing; True deletes it and writes the new one (same transaction).
+        layer : {'pattern', 'cell'}
+            'pattern': each position's own prediction; 'cell': the pooled prediction of the projected unit
+            cell each position belongs to (one run per layer, so every query and page works on either).
 
         Returns
         -------
@@ -685,6 +698,7 @@ class PredictionStore:
             run_id.
         """
         self._require_writable()
+        _check_layer(layer)
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"seconds must be a number >= 0, got {seconds!r}")
         if not isinstance(device, str) or not device:
@@ -707,7 +721,8 @@ class PredictionStore:
                     f"max ix {int(cols['ix'].max())}"
                 )
             existing = con.fetchone(
-                "SELECT run_id, status FROM runs WHERE model_id = ? AND scan_id = ?", [model_id, scan_id]
+                "SELECT run_id, status FROM runs WHERE model_id = ? AND scan_id = ? AND layer = ?",
+                [model_id, scan_id, layer],
             )
             if existing is not None:
                 if existing[1] == "finished" and not replace:
@@ -722,7 +737,7 @@ class PredictionStore:
             con.execute(
                 "INSERT INTO runs (run_id, model_id, scan_id, started_at, finished_at, status, n_patterns, "
                 "seconds, "
-                "patterns_per_s, device, config_json) VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, ?)",
+                "patterns_per_s, device, config_json, layer) VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, ?, ?)",
                 [
                     run_id,
                     model_id,
@@ -733,6 +748,7 @@ class PredictionStore:
                     (n / seconds) if seconds > 0 else None,
                     device,
                     _to_json(dict(config) if config else None),
+                    layer,
                 ],
             )
             self._insert_predictions(con, _predictions_arrow(cols, run_id))
@@ -1010,6 +1026,57 @@ class PredictionStore:
                 con.unregister(name)
         return n
 
+    def write_heldout(self, df: pd.DataFrame) -> int:
+        """Store (replace by ``(name, role, dose, thickness_nm)``) held-out accuracies on the draw library.
+
+        Parameters
+        ----------
+        df : DataFrame
+            ``name`` (a model name, or the limit's version: 'limit: nuisances known' ...), ``kind`` ('model' or
+            'limit'), ``role`` (held-out draws: 'test', 'ideal_test'), ``dose`` (electrons per pattern, NaN =
+            noise-free), ``thickness_nm``, ``per_pattern``, ``per_cell``; optional ``library_sha256``.
+
+        Returns
+        -------
+        int
+            Rows written.
+        """
+        self._require_writable()
+        required = {"name", "kind", "role", "dose", "thickness_nm", "per_pattern", "per_cell"}
+        _check_frame(df, required, required | {"library_sha256"}, "heldout")
+        if not set(df["kind"]) <= {"model", "limit"}:
+            raise ValueError("heldout kind must be 'model' or 'limit'")
+        for c in ("per_pattern", "per_cell"):
+            v = df[c].to_numpy(dtype=float)
+            if np.any((v < 0) | (v > 1)):
+                raise ValueError(f"{c} must lie in [0, 1] (NaN allowed)")
+        n = len(df)
+        tab = pa.table({
+            "name": pa.array(df["name"].astype(str).to_numpy(), pa.string()),
+            "kind": pa.array(df["kind"].astype(str).to_numpy(), pa.string()),
+            "role": pa.array(df["role"].astype(str).to_numpy(), pa.string()),
+            "dose": pa.array(df["dose"].to_numpy(dtype=float), from_pandas=True),
+            "thickness_nm": pa.array(df["thickness_nm"].to_numpy(dtype=float)),
+            "per_pattern": pa.array(df["per_pattern"].to_numpy(dtype=float), from_pandas=True),
+            "per_cell": pa.array(df["per_cell"].to_numpy(dtype=float), from_pandas=True),
+            "library_sha256": (pa.array(df["library_sha256"].astype(str).to_numpy(), pa.string())
+                               if "library_sha256" in df.columns else pa.nulls(n, pa.string())),
+        })
+        name = "_polcore_heldout_in"
+        with self.transaction() as con:
+            con.register(name, tab)
+            try:
+                con.execute(
+                    f"DELETE FROM heldout USING {name} WHERE heldout.name = {name}.name AND heldout.role = "
+                    f"{name}.role AND heldout.dose IS NOT DISTINCT FROM {name}.dose AND heldout.thickness_nm = "
+                    f"{name}.thickness_nm"
+                )
+                cols = ", ".join(tab.column_names)
+                con.execute(f"INSERT INTO heldout ({cols}, created_at) SELECT {cols}, ? FROM {name}", [_now()])
+            finally:
+                con.unregister(name)
+        return n
+
     def cache_get(self, key: str, default: Any = None) -> Any:
         """Value stored under ``key`` by :meth:`cache_put` (decoded JSON), or ``default``."""
         with self.connect(read_only=True) as con:
@@ -1025,6 +1092,11 @@ class PredictionStore:
 
 
 # ------------------------------------------------------------------------------------ input validation
+
+
+def _check_layer(layer: str) -> None:
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
 
 
 def _check_frame(df: Any, required: set[str], allowed: set[str], what: str) -> None:

@@ -1,0 +1,159 @@
+"""The draw library (independent nuisance draws), the microscope augmentation, the held-out evaluation and the
+ideal observer, on a real tiny abTEM draw library."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from polcore.simulate.draws import (
+    DRAW_PROFILES,
+    QUARTER_TURN_CLASS,
+    DrawConfig,
+    build_draws,
+    draw_nuisance,
+    load_draws,
+)
+from polcore.simulate.library import rotate_entry
+from polcore.simulate.microscope import MicroscopeAugment, apply_dose
+
+
+def test_nuisance_draws_are_seeded_and_roles_independent():
+    cfg = DRAW_PROFILES["train"]
+    a = draw_nuisance(cfg, "train", 3)
+    assert a == draw_nuisance(cfg, "train", 3)
+    assert a != draw_nuisance(cfg, "train", 4)
+    # adding training draws never changes a held-out draw: each role has its own stream
+    assert draw_nuisance(cfg, "test", 0)["phonon_seed"] != draw_nuisance(cfg, "train", 0)["phonon_seed"]
+    assert abs(a["tilt_x_mrad"]) <= 1.5 and abs(a["tilt_y_mrad"]) <= 1.5
+    assert 0.10 <= a["nb_disp_A"] <= 0.20 and 23.0 <= a["convergence_mrad"] <= 25.0
+    ideal = draw_nuisance(cfg, "ideal_test", 0)
+    assert ideal["tilt_x_mrad"] == ideal["tilt_y_mrad"] == 0.0 and ideal["defocus_A"] == 0.0
+    with pytest.raises(ValueError, match="unknown role"):
+        draw_nuisance(cfg, "holdout", 0)
+
+
+def test_draw_config_checks_the_build_order():
+    with pytest.raises(ValueError, match="order must schedule"):
+        DrawConfig(counts={"train": 2}, order=(("train", 1),))
+    jobs = DRAW_PROFILES["train"].jobs()
+    assert len(jobs) == sum(DRAW_PROFILES["train"].counts.values()) == len(set(jobs))
+    assert jobs[0] == ("test", 0)  # held-out draws first: a partial build can already be scored
+
+
+def test_quarter_turn_classes_cover_the_eight_classes():
+    flat = sorted(c for row in QUARTER_TURN_CLASS for c in row)
+    assert flat == list(range(8))
+    assert QUARTER_TURN_CLASS[0][0] == 1  # RU
+    assert QUARTER_TURN_CLASS[1][0] == 0  # RM
+
+
+def test_tiny_draws_build_load_and_resume(tiny_draws, tmp_path):
+    lib = tiny_draws
+    assert set(lib.roles()) == {"train", "val", "test", "ideal_train", "ideal_test"}
+    assert lib.base["train"].shape == (3, 2, 2, 4, 4, 65, 65)
+    assert lib.thickness_nm["ideal_test"].tolist() == [8.0]
+    assert len(lib.sha256) == 64 and lib.meta["mrad_per_px"] > 0
+    ex = lib.expanded("train", 8.0)
+    assert ex.shape == (3, 8, 4, 4, 64, 64) and np.all(np.isfinite(ex)) and ex.min() >= 0
+    # every class is the exact quarter turn of a base variant, probe positions included
+    base = lib.base["train"][:, 1, 1].astype(np.float32) / lib.scale
+    for q in range(4):
+        np.testing.assert_allclose(ex[:, QUARTER_TURN_CLASS[1][q]], rotate_entry(base, q)[..., :-1, :-1],
+                                   rtol=1e-6)
+    # a rerun into the same folder simulates nothing (resumable); another recipe is refused
+    folder = lib.path
+    assert build_draws("tiny", folder) == []
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "recipe.json").write_text(json.dumps({"profile": "other"}))
+    with pytest.raises(ValueError, match="another recipe"):
+        build_draws("tiny", tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="no draw library"):
+        load_draws(tmp_path / "missing")
+
+
+def test_stale_claim_of_a_dead_process_is_taken_over(tiny_draws, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_draws.path, folder)
+    (folder / "train_0002.h5").unlink()
+    (folder / "train_0002.claim").write_text("999999999")  # no such process
+    made = build_draws("tiny", folder)
+    assert [p.name for p in made] == ["train_0002.h5"]
+    assert not (folder / "train_0002.claim").exists()
+
+
+def test_apply_dose_is_seeded_poisson():
+    x = np.ones((2, 8, 8), np.float32)
+    a = apply_dose(x, 1000, np.random.default_rng(1))
+    b = apply_dose(x, 1000, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    assert abs(a.sum(axis=(1, 2)).mean() - 1000) < 150
+    assert np.all(a == np.round(a))
+    with pytest.raises(ValueError, match="dose"):
+        apply_dose(x, 0, np.random.default_rng(0))
+
+
+def test_microscope_augment_identity_and_effects():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((16, 32, 32)).astype(np.float32) + 0.1)
+    g = torch.Generator().manual_seed(0)
+    off = MicroscopeAugment(scale_range=0.0, shift_px=0.0, p_blur=0.0, p_background=0.0, p_hot=0.0, p_noise_free=1.0)
+    y = off(x, g)
+    xn = x / x.sum(dim=(1, 2), keepdim=True)
+    np.testing.assert_allclose((y / y.sum(dim=(1, 2), keepdim=True)).numpy(), xn.numpy(), rtol=1e-4, atol=1e-7)
+    # the optical axis (pixel K // 2) is the fixed point of the camera-length scaling
+    one = torch.zeros(1, 32, 32)
+    one[0, 16, 16] = 1.0
+    sc = MicroscopeAugment(scale_range=0.04, shift_px=1e-9, p_blur=0.0, p_background=0.0, p_hot=0.0,
+                           p_noise_free=1.0)
+    z = sc(one, g)[0]
+    assert float(z[16, 16] / z.sum()) > 0.85
+    noisy = MicroscopeAugment(dose_range=(1e3, 1e3), p_noise_free=0.0)(x, torch.Generator().manual_seed(1))
+    assert torch.all(noisy >= 0) and torch.allclose(noisy, noisy.round())
+    again = MicroscopeAugment(dose_range=(1e3, 1e3), p_noise_free=0.0)(x, torch.Generator().manual_seed(1))
+    assert torch.equal(noisy, again)
+
+
+def test_ideal_observer_known_nuisance_is_perfect_without_noise(tiny_draws):
+    from polcore.evaluate import ideal_observer
+
+    df = ideal_observer(tiny_draws, doses=(None,), versions=("known",))
+    assert (df["per_pattern"] >= 0.99).all() and (df["per_cell"] == 1.0).all()
+    noisy = ideal_observer(tiny_draws, doses=(2e4,), thickness=(8.0,))
+    assert set(noisy["version"]) == {"known", "unknown"}
+    k = noisy[noisy["version"] == "known"].iloc[0]
+    u = noisy[noisy["version"] == "unknown"].iloc[0]
+    assert u["per_pattern"] <= k["per_pattern"] + 1e-9  # knowing the nuisances can only help
+    assert u["n_train_draws"] == 3
+
+
+def test_draw_count_curve_rows(tiny_draws):
+    from polcore.evaluate import draw_count_curve
+
+    df = draw_count_curve(tiny_draws, counts=(1, 2), thickness=(8.0,))
+    assert sorted(df["n_train_draws"].unique().tolist()) == [1, 2, 3]
+
+
+def test_train_on_draws_saves_heldout_rows(tiny_draws, tmp_path):
+    from polcore.models import load_checkpoint
+    from polcore.train import TrainConfig, train_model
+
+    cfg = TrainConfig(family="custom_cnn", data="draws", steps=4, eval_every=2, batch_size=16,
+                      train_thickness_nm=None, lr=1e-3)
+    model, res = train_model(cfg, tiny_draws, out_dir=tmp_path)
+    assert set(res.test_acc_by_thickness) == {"4", "8"}
+    m2 = load_checkpoint(res.checkpoint, device="cpu")
+    meta = m2.meta
+    assert meta["library_sha256"] == tiny_draws.sha256 and meta["library_kind"] == "draws"
+    assert meta["train_config"]["train_roles"] == ["train"] and meta["steps_run"] == 4
+    assert {r["thickness_nm"] for r in meta["heldout"]} == {4.0, 8.0}
+    assert all(0 <= r["per_cell"] <= 1 for r in meta["heldout"])
+    assert TrainConfig.from_dict(meta["train_config"]) == cfg
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(family="custom_cnn", data="draws")
