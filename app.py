@@ -61,7 +61,8 @@ def _overview() -> None:
     c[0].metric("Data sets", scans["dataset"].nunique() if len(scans) else 0)
     c[1].metric("Scans", len(scans))
     c[2].metric("Models", len(models))
-    c[3].metric("Stored predictions", f"{int(runs['n_patterns'].sum()):,}" if len(runs) else "0")
+    pat = runs[runs["layer"] == "pattern"] if len(runs) else runs
+    c[3].metric("Stored predictions", f"{int(pat['n_patterns'].sum()):,}" if len(pat) else "0")
 
     st.subheader("Headline: accuracy per data set")
     bench = D.bench(tok)

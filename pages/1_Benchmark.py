@@ -24,7 +24,7 @@ def _model_label(row) -> str:
 
 def _filtered_table(met: pd.DataFrame) -> pd.DataFrame:
     """Mean +- std over seeds of per-run metrics (after the sidebar's thickness / region filters)."""
-    met = met[met["n_labelled"] > 0].copy()
+    met = met[(met["n_labelled"] > 0) & (met["layer"] == ctx.layer)].copy()
     if met.empty:
         return pd.DataFrame()
     met["model"] = met.apply(_model_label, axis=1)

@@ -44,7 +44,7 @@ def _summary(cm: np.ndarray) -> dict:
 with guard("The confusion page"):
     require_db(ctx)
     runs = D.runs(ctx.tok)
-    runs = runs[runs["has_ground_truth"]]
+    runs = runs[runs["has_ground_truth"] & (runs["layer"] == ctx.layer)]
     scope_opts = ["data set", "scan"]
     scope = st.radio(
         "Scope",

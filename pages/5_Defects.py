@@ -88,7 +88,7 @@ with guard("The defects page"):
             st.info("This scan has no defect mask: use the ranked candidate regions below.")
         else:
             runs = D.runs(ctx.tok)
-            runs = runs[runs["scan_id"] == int(scan["scan_id"])]
+            runs = runs[(runs["scan_id"] == int(scan["scan_id"])) & (runs["layer"] == ctx.layer)]
             fig, rows = None, []
             for r in runs.itertuples():
                 rr = D.defect_analysis(ctx.tok, int(r.run_id), period, ctx.ft)

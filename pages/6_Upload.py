@@ -70,7 +70,7 @@ def _source() -> tuple[Path | None, str, bool]:
 def _show_result(scan_id: int) -> None:
     tok = D.token()
     runs = D.runs(tok)
-    mine = runs[runs["scan_id"] == scan_id]
+    mine = runs[(runs["scan_id"] == scan_id) & (runs["layer"] == "pattern")]
     if mine.empty:
         st.warning("The scan is stored but has no finished run.")
         return

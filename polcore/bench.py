@@ -467,7 +467,7 @@ def analysis_report(db_path=DEFAULT_DB) -> pd.DataFrame:
         mask = np.zeros((ny, nx), bool)
         mask[m["iy"], m["ix"]] = m["is_defect"].fillna(False).to_numpy(bool)
         rows.append(dict(
-            model=r.model, scan=r.scan, accuracy=float(1 - np.nanmean(err)), error_period_px=per["period_px"],
+            model=r.model, scan=r.scan, layer=r.layer, accuracy=float(1 - np.nanmean(err)), error_period_px=per["period_px"],
             lattice_period_px=cell, angle_deg=per["angle_deg"], periodic_fraction=per["periodic_fraction"],
             defect_auc=defect_auc(irr, mask) if mask.any() else np.nan,
             domain_gap_auc=gap_by_model.get(r.model_id, np.nan),

@@ -73,6 +73,8 @@ class TrainConfig:
     train_roles : draws: roles trained on ('train', or 'ideal_train' for the study's ideal row).
     eval_role, eval_dose : draws: held-out role and dose [electrons per pattern] of the reported accuracy.
     n_fit_patterns : draws, pca_knn: number of augmented patterns the pipeline is fitted on.
+    augment_profile : draws: 'microscope' (dose, camera length, shift, blur, background, hot pixels) or 'dose'
+        (Poisson dose only: the study's ideal setting).
     """
 
     family: str
@@ -100,6 +102,7 @@ class TrainConfig:
     eval_role: str = "test"
     eval_dose: float | None = 2e4
     n_fit_patterns: int = 60000
+    augment_profile: str = "microscope"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -114,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"data must be 'library' or 'draws', got {self.data!r}")
         if self.data == "draws" and self.family != "pca_knn" and not self.steps:
             raise ValueError("training on draws needs steps >= 1")
+        if self.augment_profile not in ("microscope", "dose"):
+            raise ValueError(f"augment_profile must be 'microscope' or 'dose', got {self.augment_profile!r}")
         if not isinstance(self.train_roles, tuple):
             object.__setattr__(self, "train_roles", tuple(self.train_roles))
         for name in ("train_thickness_nm", "eval_thickness_nm"):
@@ -421,24 +426,26 @@ def _paper() -> list[TrainConfig]:
     return out
 
 
-#: Steps of each torch family in the ``cpu`` profile: about the same wall time each (40 min on the idle
-#: 2-core CPU; measured 0.5 / 2.6 / 4.9 s per 128-pattern step for custom_cnn / resnet18 / vgg11_bn, so the
-#: larger networks see far fewer patterns: the CPU budget, not the architecture, limits them).
-CPU_STEPS = {"custom_cnn": 4800, "resnet": 900, "vgg": 500}
+#: Steps of each torch network in the ``cpu`` profile (128 patterns per step). Measured on this 2-core CPU with
+#: one training job per core: about 0.35 / 1.1 / 3.5 / 6.5 s per step for custom_cnn (binned) / custom_cnn
+#: (study) / resnet18 / vgg11_bn, so the two custom CNNs get about 30 min each and ResNet-18 / VGG-11 about
+#: 25 min each: the CPU, not the architecture, limits the large networks (the paper profile is for a GPU).
+CPU_STEPS = {("custom_cnn", "binned"): 5000, ("custom_cnn", "study"): 1600, ("resnet", None): 400,
+             ("vgg", None): 220}
 
 
 def _cpu() -> list[TrainConfig]:
     """Every family trained on the draw library (all thicknesses 5-60 nm, microscope augmentation), seed 888,
-    scored on held-out draws at 2e4 electrons per pattern; plus the study's ideal row (custom CNN on the ideal
-    subset at 20 nm, scored on ideal held-out draws at 20 nm)."""
+    scored on held-out draws at 2e4 electrons per pattern; plus the study's ideal row (the binned custom CNN on
+    the ideal subset at 20 nm, scored on ideal held-out draws at 20 nm)."""
     common = dict(data="draws", seed=888, train_thickness_nm=None, eval_thickness_nm=None, lr=1e-3,
                   batch_size=128, augment=True, eval_every=200, patience=None)
-    out = [TrainConfig(family=fam, head="cls", steps=CPU_STEPS[fam], **common) for fam in ("custom_cnn",)]
-    out.append(TrainConfig(family="pca_knn", head="cls", n_fit_patterns=60000, **common))
-    out.append(TrainConfig(family="custom_cnn", head="cls", tag="ideal20", steps=1500,
-                           **{**common, "train_thickness_nm": (20.0,), "eval_thickness_nm": (20.0,),
-                              "train_roles": ("ideal_train",), "eval_role": "ideal_test", "augment": False}))
-    out += [TrainConfig(family=fam, head="cls", steps=CPU_STEPS[fam], **common) for fam in ("resnet", "vgg")]
+    out = [TrainConfig(family=fam, head="cls", arch=arch, steps=n, **common) for (fam, arch), n in CPU_STEPS.items()]
+    out.insert(1, TrainConfig(family="pca_knn", head="cls", n_fit_patterns=60000, **common))
+    out.insert(2, TrainConfig(family="custom_cnn", head="cls", arch="binned", tag="ideal20", steps=1000,
+                              **{**common, "train_thickness_nm": (20.0,), "eval_thickness_nm": (20.0,),
+                                 "train_roles": ("ideal_train",), "eval_role": "ideal_test",
+                                 "augment_profile": "dose"}))
     return out
 
 

@@ -140,7 +140,10 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
     t0 = time.perf_counter()
     seed_everything(cfg.seed)
     pre = draws_preprocessor(lib)
-    aug = MicroscopeAugment() if cfg.augment else None
+    aug = None
+    if cfg.augment:
+        aug = (MicroscopeAugment() if cfg.augment_profile == "microscope" else
+               MicroscopeAugment(scale_range=0.0, shift_px=0.0, p_blur=0.0, p_background=0.0, p_hot=0.0))
     sampler = DrawSampler(lib, cfg.train_roles, cfg.train_thickness_nm, aug, cfg.batch_size, cfg.seed)
     val_role = "val" if lib.n_draws("val") else cfg.train_roles[0]
     if cfg.train_roles == ("ideal_train",):

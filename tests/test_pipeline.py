@@ -40,8 +40,15 @@ def test_ingest_stores_every_model_and_is_idempotent(pipeline):
 
     bench, db, scans, ids, models_dir = pipeline
     store = PredictionStore(db)
-    runs = queries.list_runs(store)
+    runs = queries.list_runs(store, layer="pattern")
     assert len(runs) == 4 and set(runs["n_patterns"]) == {256}
+    # the unit-cell layer: one more run per (model, scan), the cell's class at every position of the cell
+    cells = queries.list_runs(store, layer="cell")
+    assert len(cells) == 4 and set(cells["n_patterns"]) == {256}
+    cm = queries.run_map(store, int(cells["run_id"].iloc[0]))
+    period = float(cells["cell_px"].iloc[0])
+    block = (np.floor(cm["iy"] / period + 1e-9).astype(int) * 100 + np.floor(cm["ix"] / period + 1e-9).astype(int))
+    assert cm.groupby(block)["pred"].nunique().max() == 1
     before = store.counts()
     path, kind = scans["syn"]
     assert bench.ingest_scan(path, None, db, name="syn", kind=kind, model_dir=models_dir) == ids["syn"]
@@ -55,14 +62,14 @@ def test_bench_table_has_every_row_and_column(pipeline):
 
     bench, db, *_ = pipeline
     df = bench.run_bench(db)
-    assert set(df["dataset"]) == {"syn row", "exp row"}
+    assert set(df["dataset"]) == {"syn row", "exp row", "syn row (per cell)", "exp row (per cell)"}
     table = queries.pivot_benchmark(queries.benchmark_table(PredictionStore(db)))
-    assert set(table.index) == {"syn row", "exp row"}
+    assert set(table.index) == set(df["dataset"])
     assert any("pca_knn" in c for c in table.columns) and any("custom_cnn" in c for c in table.columns)
     assert any("majority" in c for c in table.columns)
     # the stored benchmark row is what the stored predictions say
     row = df[(df["dataset"] == "syn row") & (df["family"] == "pca_knn")].iloc[0]
-    runs = queries.list_runs(PredictionStore(db))
+    runs = queries.list_runs(PredictionStore(db), layer="pattern")
     run = runs[(runs["family"] == "pca_knn") & (runs["dataset"] == "syn row")]["run_id"].iloc[0]
     m = queries.run_map(PredictionStore(db), int(run))
     ok = m["true_label"] >= 0
@@ -81,6 +88,6 @@ def test_embeddings_domain_gap_and_report(pipeline):
     emb = queries.embeddings(store, int(models["model_id"].iloc[0]), "pca", "features")
     assert {"synthetic", "pseudo_experimental"} <= set(emb["kind"])
     report = bench.analysis_report(db)
-    assert len(report) == 4
+    assert len(report) == 8 and report["layer"].value_counts().to_dict() == {"pattern": 4, "cell": 4}
     assert np.allclose(report["lattice_period_px"], 4.0)
-    assert report["defect_auc"].notna().sum() == 2  # only the experimental-like scan has defects
+    assert report["defect_auc"].notna().sum() == 4  # only the experimental-like scan has defects (2 layers)

@@ -2,6 +2,11 @@
 
 For a 64 x 64 input the feature map is 64 x 14 x 14 = 12544 values, flattened; the shared neck
 (``Linear(features, 512)`` + ReLU, built by :mod:`polcore.models.base`) follows as in the study.
+
+``binned``: the same stack after a 2 x 2 average pool of the input (64 -> 32 px, 2.5 mrad per pixel): a
+quarter of the arithmetic and a fifth of the parameters. Measured with the ideal observer on the draw
+library: 2 x 2 binning loses no polarization information (the nuisance-unknown observer even gains, because
+fine speckle and tilt-sensitive detail are what differ between draws).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from torch import nn
 
 __all__ = ["ARCHS", "DEFAULT_ARCH", "build_backbone"]
 
-ARCHS: tuple[str, ...] = ("study",)
+ARCHS: tuple[str, ...] = ("study", "binned")
 DEFAULT_ARCH = "study"
 
 
@@ -20,13 +25,15 @@ def build_backbone(arch: str | None = None, input_size: int = 64) -> tuple[nn.Mo
 
     Parameters
     ----------
-    arch : 'study' (the only variant) or None.
+    arch : 'study', 'binned' (2 x 2 average pool first) or None (= 'study').
     input_size : input side S [px].
     """
     arch = arch or DEFAULT_ARCH
     if arch not in ARCHS:
         raise ValueError(f"unknown custom_cnn arch {arch!r}; valid: {', '.join(ARCHS)}")
+    pre = [nn.AvgPool2d(2)] if arch == "binned" else []
     net = nn.Sequential(
+        *pre,
         nn.Conv2d(1, 16, 3, 1),
         nn.ReLU(),
         nn.Conv2d(16, 32, 3, 1),
