@@ -90,13 +90,21 @@ with guard("The error-map page"):
     mrow = D.run_metrics(ctx.tok, run_id, ctx.ft)
     c = st.columns(4)
     c[0].metric("Scan", str(scan["name"]), help=str(scan["dataset"]))
-    c[1].metric("Model", str(model["name"]))
+    c[1].metric("Model", str(model["name"]), help=f"Prediction layer: {state.LAYER_LABELS[ctx.layer]}")
     if mrow is not None and mrow["n_labelled"] > 0:
         c[2].metric("Accuracy (filtered)", f"{mrow['accuracy']:.3f}")
         c[3].metric("Labelled positions (filtered)", f"{int(mrow['n_labelled']):,}")
     else:
         c[2].metric("Accuracy (filtered)", "\u2014")
         c[3].metric("Positions (filtered)", f"{int(mrow['n_rows']) if mrow is not None else 0:,}")
+    if ctx.layer == "cell":
+        st.info(
+            f"Unit-cell layer: the class log-probabilities of the probe positions inside each projected unit "
+            f"cell (blocks of {cell:.2f} scan pixels, from the calibration or the scan's periodicity) are summed, "
+            "and every position shows its cell's class. Pooling assumes one polarization per cell: a domain "
+            "wall through a cell takes one side's class." if cell else
+            "Unit-cell layer: the cell's pooled class at every position of the cell."
+        )
     st.caption(
         "Drag a box on the predicted-class map to set the region (the sidebar shows it; "
         "\u201cClear region\u201d "

@@ -75,6 +75,10 @@ class TrainConfig:
     n_fit_patterns : draws, pca_knn: number of augmented patterns the pipeline is fitted on.
     augment_profile : draws: 'microscope' (dose, camera length, shift, blur, background, hot pixels) or 'dose'
         (Poisson dose only: the study's ideal setting).
+    warmup_steps : draws: curriculum, the first steps on the ideal subset at 20 nm (dose noise only) before
+        ``steps`` on the training draws (see :class:`polcore.train_draws.Curriculum`).
+    augment_ramp : draws: after the warm-up, the microscope augmentation grows from none to full over these
+        steps.
     """
 
     family: str
@@ -103,6 +107,8 @@ class TrainConfig:
     eval_dose: float | None = 2e4
     n_fit_patterns: int = 60000
     augment_profile: str = "microscope"
+    warmup_steps: int = 0
+    augment_ramp: int = 0
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -426,23 +432,26 @@ def _paper() -> list[TrainConfig]:
     return out
 
 
-#: Steps of each torch network in the ``cpu`` profile (128 patterns per step). Measured on this 2-core CPU with
-#: one training job per core: about 0.35 / 1.1 / 3.5 / 6.5 s per step for custom_cnn (binned) / custom_cnn
-#: (study) / resnet18 / vgg11_bn, so the two custom CNNs get about 30 min each and ResNet-18 / VGG-11 about
-#: 25 min each: the CPU, not the architecture, limits the large networks (the paper profile is for a GPU).
-CPU_STEPS = {("custom_cnn", "binned"): 5000, ("custom_cnn", "study"): 1600, ("resnet", None): 400,
-             ("vgg", None): 220}
+#: (steps, curriculum warm-up steps) of each torch network in the ``cpu`` profile (128 patterns per step), sized
+#: for about 20-25 min each with one training job per core of this 2-core CPU (measured 0.19 / 0.9 / 3.5 / 6.5 s
+#: per step for custom_cnn binned / custom_cnn study / resnet18 / vgg11_bn): the binned CNN sees 770k patterns,
+#: VGG-11 23k. The CPU, not the architecture, limits the large networks; the paper profile is for a GPU.
+CPU_STEPS = {("custom_cnn", "binned"): (5000, 1000), ("custom_cnn", "study"): (1200, 300),
+             ("resnet", None): (300, 80), ("vgg", None): (160, 40)}
 
 
 def _cpu() -> list[TrainConfig]:
     """Every family trained on the draw library (all thicknesses 5-60 nm, microscope augmentation), seed 888,
     scored on held-out draws at 2e4 electrons per pattern; plus the study's ideal row (the binned custom CNN on
-    the ideal subset at 20 nm, scored on ideal held-out draws at 20 nm)."""
+    the ideal subset at 20 nm, scored on ideal held-out draws at 20 nm). The networks follow a curriculum: a
+    warm-up on the ideal subset at 20 nm, then every draw and thickness with the microscope ramped in over
+    1500 steps (or the whole run when shorter)."""
     common = dict(data="draws", seed=888, train_thickness_nm=None, eval_thickness_nm=None, lr=1e-3,
                   batch_size=128, augment=True, eval_every=200, patience=None)
-    out = [TrainConfig(family=fam, head="cls", arch=arch, steps=n, **common) for (fam, arch), n in CPU_STEPS.items()]
+    out = [TrainConfig(family=fam, head="cls", arch=arch, steps=n, warmup_steps=w, augment_ramp=min(1500, n // 2),
+                       **common) for (fam, arch), (n, w) in CPU_STEPS.items()]
     out.insert(1, TrainConfig(family="pca_knn", head="cls", n_fit_patterns=60000, **common))
-    out.insert(2, TrainConfig(family="custom_cnn", head="cls", arch="binned", tag="ideal20", steps=1000,
+    out.insert(2, TrainConfig(family="custom_cnn", head="cls", arch="binned", tag="ideal20", steps=2000,
                               **{**common, "train_thickness_nm": (20.0,), "eval_thickness_nm": (20.0,),
                                  "train_roles": ("ideal_train",), "eval_role": "ideal_test",
                                  "augment_profile": "dose"}))

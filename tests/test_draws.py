@@ -157,3 +157,20 @@ def test_train_on_draws_saves_heldout_rows(tiny_draws, tmp_path):
     assert TrainConfig.from_dict(meta["train_config"]) == cfg
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(family="custom_cnn", data="draws")
+    # the held-out rows travel from the checkpoint into the store, beside the committed limit rows
+    from polcore.heldout import load_results, model_heldout_rows
+    from polcore.store import PredictionStore, queries
+
+    rows = model_heldout_rows([tmp_path])
+    assert len(rows) == 2 and set(rows["kind"]) == {"model"}
+    res_dir = tmp_path / "results"
+    res_dir.mkdir()
+    limit = rows.assign(name="limit: nuisances known", kind="limit", per_pattern=1.0, per_cell=1.0)
+    limit.to_csv(res_dir / "limit.csv", index=False)
+    db = tmp_path / "x.duckdb"
+    assert load_results(db, [tmp_path], results_dir=res_dir) == 4
+    assert load_results(db, [tmp_path], results_dir=res_dir) == 4  # replaces, never duplicates
+    table = queries.heldout_table(PredictionStore(db))
+    assert len(table) == 4 and list(table["kind"]) == ["model", "model", "limit", "limit"]
+    with pytest.raises(ValueError, match="per_cell"):
+        PredictionStore(db).write_heldout(limit.assign(per_cell=1.5))

@@ -16,7 +16,7 @@ from torch import nn
 
 __all__ = ["ARCHS", "DEFAULT_ARCH", "build_backbone"]
 
-ARCHS: tuple[str, ...] = ("study", "binned")
+ARCHS: tuple[str, ...] = ("study", "binned", "binned_bn")
 DEFAULT_ARCH = "study"
 
 
@@ -25,21 +25,29 @@ def build_backbone(arch: str | None = None, input_size: int = 64) -> tuple[nn.Mo
 
     Parameters
     ----------
-    arch : 'study', 'binned' (2 x 2 average pool first) or None (= 'study').
+    arch : 'study', 'binned' (2 x 2 average pool first), 'binned_bn' (binned with batch norm after every
+        convolution) or None (= 'study').
     input_size : input side S [px].
     """
     arch = arch or DEFAULT_ARCH
     if arch not in ARCHS:
         raise ValueError(f"unknown custom_cnn arch {arch!r}; valid: {', '.join(ARCHS)}")
-    pre = [nn.AvgPool2d(2)] if arch == "binned" else []
+    pre = [nn.AvgPool2d(2)] if arch.startswith("binned") else []
+
+    def bn(c: int) -> list[nn.Module]:
+        return [nn.BatchNorm2d(c)] if arch == "binned_bn" else []
+
     net = nn.Sequential(
         *pre,
         nn.Conv2d(1, 16, 3, 1),
+        *bn(16),
         nn.ReLU(),
         nn.Conv2d(16, 32, 3, 1),
+        *bn(32),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, 1),
+        *bn(64),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),

@@ -15,7 +15,7 @@ Preprocessor does for a scan recorded at the library's sampling.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -70,6 +70,16 @@ class MicroscopeAugment:
         d = asdict(self)
         d["kind"] = "microscope"
         return d
+
+    def scaled(self, strength: float) -> MicroscopeAugment:
+        """The same effects at ``strength`` in [0, 1] (0: no shift, scaling, blur, background or hot pixels and
+        the highest dose of the range; 1: this object). For a curriculum that ramps the microscope in."""
+        s = float(min(max(strength, 0.0), 1.0))
+        lo, hi = np.log(self.dose_range[0]), np.log(self.dose_range[1])
+        return replace(self, dose_range=(float(np.exp(hi - s * (hi - lo))), self.dose_range[1]),
+                       scale_range=self.scale_range * s, shift_px=self.shift_px * s,
+                       blur_sigma=(self.blur_sigma[0] * s, self.blur_sigma[1] * s), background=self.background * s,
+                       p_hot=self.p_hot * s)
 
     def __call__(self, x, generator=None):
         """Augment a batch.
