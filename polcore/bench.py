@@ -89,9 +89,11 @@ def register_models(store, models: dict) -> dict:
     ids = {}
     for name, (model, meta, path) in models.items():
         cfg = meta.get("train_config") or meta.get("config") or {}
+        # variant: the architecture and the training tag (e.g. 'binned-ideal20'), so that models of one family
+        # and head trained differently are never averaged as if they were seeds of one recipe
+        variant = "-".join(str(v) for v in ((meta.get("model_cfg") or {}).get("arch"), cfg.get("tag")) if v)
         ids[name] = store.add_model(
-            name=name, family=meta["family"], head=meta["head"],
-            variant=str((meta.get("model_cfg") or {}).get("arch") or ""), seed=cfg.get("seed"),
+            name=name, family=meta["family"], head=meta["head"], variant=variant, seed=cfg.get("seed"),
             config={k: meta.get(k) for k in ("train_config", "model_cfg", "preprocessing", "versions",
                                                 "library_sha256", "best_epoch") if k in meta},
             checkpoint_path=str(path), library_sha256=meta.get("library_sha256"),

@@ -1044,6 +1044,7 @@ class PredictionStore:
         self._require_writable()
         required = {"name", "kind", "role", "dose", "thickness_nm", "per_pattern", "per_cell"}
         _check_frame(df, required, required | {"library_sha256"}, "heldout")
+        df = df.drop_duplicates(["name", "role", "dose", "thickness_nm"], keep="last")
         if not set(df["kind"]) <= {"model", "limit"}:
             raise ValueError("heldout kind must be 'model' or 'limit'")
         for c in ("per_pattern", "per_cell"):
