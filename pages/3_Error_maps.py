@@ -213,11 +213,12 @@ with guard("The error-map page"):
                     m = st.columns(4)
                     m[0].metric(
                         "Error period [scan px]",
-                        f"{res['period_px']:.2f}",
-                        help="1/|k| of the strongest Fourier peak of the error map",
+                        "\u2014" if res["period_px"] is None or not np.isfinite(res["period_px"]) else f"{res['period_px']:.2f}",
+                        help="1/|k| of the strongest Fourier peak of the error map (\u2014: no errors)",
                     )
                     m[1].metric("Lattice period [scan px]", "\u2014" if cell is None else f"{cell:.2f}")
-                    m[2].metric("Direction [deg]", f"{res['angle_deg']:.0f}")
+                    m[2].metric("Direction [deg]",
+                                "\u2014" if res["angle_deg"] is None or not np.isfinite(res["angle_deg"]) else f"{res['angle_deg']:.0f}")
                     m[3].metric(
                         "Periodic part of the errors",
                         f"{res['periodic_fraction']:.0%}",

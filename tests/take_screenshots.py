@@ -105,6 +105,15 @@ def main(argv=None) -> int:
                 out = args.out / f"{name}.png"
                 full_screenshot(page, out)
                 print(f"{name:12s} rendered in {times[name]:5.1f} s -> {out}")
+            # the unit-cell layer of the same view (the sidebar's "Prediction layer", here from the URL)
+            t0 = time.perf_counter()
+            open_page(page, srv.url, "error_maps", query + "&layer=cell")
+            page.wait_for_selector('[data-testid="stPlotlyChart"] .main-svg', timeout=60000)
+            times["error_maps_cells"] = time.perf_counter() - t0
+            page.wait_for_timeout(1000)
+            out = args.out / "error_maps_cells.png"
+            full_screenshot(page, out)
+            print(f"{'error_maps (cell layer)':12s} rendered in {times['error_maps_cells']:5.1f} s -> {out}")
             browser.close()
     print(f"total {sum(times.values()):.1f} s for {len(times)} pages (database {db})")
     return 0
