@@ -201,7 +201,11 @@ def _run_models(store, scan_id, scan, gt, path, models, ids, db_path, progress, 
     from polcore.analysis import estimate_cell_px, irregularity, pool_scan
     from polcore.infer import predict_scan_many
 
-    todo = [n for n in models if not (store.has_run(ids[n], scan_id) and store.has_run(ids[n], scan_id, "cell"))]
+    # a cell run is owed only where the lattice period is known before inference (calibration); for an
+    # uncalibrated scan whose periodicity shows no lattice, a re-ingest must not rerun the models every time
+    calibrated = not pd.isna(store.fetch_df("SELECT cell_px FROM scans WHERE scan_id = ?", [scan_id])["cell_px"].iloc[0])
+    todo = [n for n in models
+            if not store.has_run(ids[n], scan_id) or (calibrated and not store.has_run(ids[n], scan_id, "cell"))]
     if not todo:
         progress(1.0, "already ingested")
         return
