@@ -31,9 +31,10 @@ st.markdown(
 def _demo_section() -> None:
     st.subheader("No database yet")
     st.markdown(
-        f"The database `{ctx.db}` does not exist. The demo trains the quick model profile on the committed "
-        "pattern library, composes the default scans, runs every model on every scan and computes the "
-        "embeddings (about 20 minutes on a 2-core machine; `make run` does the same from a terminal)."
+        f"The database `{ctx.db}` does not exist. The demo uses the models shipped with the repository "
+        "(`data/models/shipped`), composes the default scans from the committed pattern library, runs every "
+        "model on every scan and computes the benchmark and the embeddings (about 5 minutes on a 2-core "
+        "machine; `make run` does the same from a terminal)."
     )
     job = jobs.get_job(st.session_state.get("demo_job")) or jobs.find_running("demo")
     if job is not None:
@@ -63,6 +64,11 @@ def _overview() -> None:
     c[2].metric("Models", len(models))
     pat = runs[runs["layer"] == "pattern"] if len(runs) else runs
     c[3].metric("Stored predictions", f"{int(pat['n_patterns'].sum()):,}" if len(pat) else "0")
+    built = D.demo_summary(tok)
+    if built:
+        steps = ", ".join(f"{k.removesuffix('_s')} {built[k]:.0f} s" for k in ("train_s", "scans_s", "inference_s",
+                                                                             "analysis_s") if k in built)
+        st.caption(f"Demo database built in {built.get('total_s', 0):.0f} s ({steps}).")
 
     st.subheader("Headline: accuracy per data set")
     bench = D.bench(tok)

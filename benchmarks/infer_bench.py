@@ -122,7 +122,7 @@ def rss_child(scan_path: str, db: str, out_json: str) -> None:
     """Runs in a child: ingest one scan with one (untrained, real) model; report peak RSS."""
     import h5py
 
-    from polcore import bench
+    from polcore.ingest import ingest_scan, load_models
     from polcore.models import build_model, save_checkpoint
     from polcore.preprocess import Preprocessor
     from polcore.simulate import DEFAULT_LIBRARY
@@ -134,8 +134,8 @@ def rss_child(scan_path: str, db: str, out_json: str) -> None:
     ck = save_checkpoint(model, Path(db).with_name("m.pt"), meta={"preprocessing": pre.to_dict(), "seed": 0})
     base = _vm_hwm_mb()
     t = time.perf_counter()
-    models = bench.load_models([ck])
-    bench.ingest_scan(scan_path, None, db, name="big", models=models)
+    models = load_models([ck])
+    ingest_scan(scan_path, None, db, name="big", models=models)
     dt = time.perf_counter() - t
     peak = _vm_hwm_mb()
     Path(out_json).write_text(json.dumps(dict(peak_rss_mb=peak, rss_before_ingest_mb=base, seconds=dt)))

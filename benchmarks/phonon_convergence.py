@@ -42,8 +42,8 @@ def main(argv=None) -> int:
 
     from dataclasses import replace
 
+    from polcore.simulate.build import _structure_for, simulate_cell_scan
     from polcore.simulate.draws import DRAW_PROFILES, draw_nuisance
-    from polcore.simulate.library import _structure_for, simulate_cell_scan
 
     cfg = DRAW_PROFILES["train"]
     sim = replace(cfg.sim_config("ideal_test"), thickness_nm=tuple(args.thickness), phonon_snapshots=1)

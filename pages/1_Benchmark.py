@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from polcore.types import CLASS_NAMES
@@ -16,28 +15,6 @@ st.caption(
     "Which model is best on which data set? Scores are mean \u00b1 std over training seeds; the majority "
     "row always predicts the most frequent true class of the data set."
 )
-
-
-def _model_label(row) -> str:
-    return "/".join(p for p in (row["family"], row["head"], row["variant"]) if p)
-
-
-def _filtered_table(met: pd.DataFrame) -> pd.DataFrame:
-    """Mean +- std over seeds of per-run metrics (after the sidebar's thickness / region filters)."""
-    met = met[(met["n_labelled"] > 0) & (met["layer"] == ctx.layer)].copy()
-    if met.empty:
-        return pd.DataFrame()
-    met["model"] = met.apply(_model_label, axis=1)
-    g = met.groupby(["dataset", "model"], sort=False)
-    out = g.agg(
-        n_runs=("run_id", "count"),
-        n_labelled=("n_labelled", "sum"),
-        accuracy_mean=("accuracy", "mean"),
-        accuracy_std=("accuracy", "std"),
-        macro_f1_mean=("macro_f1", "mean"),
-        macro_f1_std=("macro_f1", "std"),
-    ).reset_index()
-    return out
 
 
 def _heldout_section() -> None:
@@ -144,10 +121,12 @@ with guard("The benchmark page"):
     if ctx.filters.thickness is not None or ctx.filters.region is not None:
         st.subheader("With the sidebar's thickness / region filters")
         st.caption("Recomputed from the stored predictions of every run (region applies to every scan).")
-        ft = _filtered_table(D.metrics(ctx.tok, ctx.ft))
+        ft = D.filtered_bench(ctx.tok, ctx.ft, ctx.layer)
         if ft.empty:
             st.info("No labelled positions pass the filters.")
         else:
+            ft = ft[["dataset", "model", "n_seeds", "n_patterns", "accuracy_mean", "accuracy_std", "macro_f1_mean",
+                     "macro_f1_std"]].rename(columns={"n_patterns": "n_labelled (max over seeds)"})
             st.dataframe(
                 ft,
                 hide_index=True,
@@ -158,4 +137,3 @@ with guard("The benchmark page"):
                     if c.startswith(("accuracy", "macro_f1"))
                 },
             )
-            download_table(ft, "benchmark_filtered", key="dl_bench_f")

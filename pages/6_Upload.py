@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from polcore import settings
 from polcore.figures import class_map_figure, scalar_map_figure
 from polcore.store.schema import SCAN_KINDS
 from ui import data as D
 from ui import guard, init_page, jobs, paths, short_error, state
-from ui.backend import BackendMissing, available_models, ingest_or_rollback, save_upload, validate_scan
+from ui.backend import available_models, ingest_scan, save_upload, validate_scan
 from ui.maps import png_config
 
 ctx = init_page("Upload", icon=":material/upload_file:")
@@ -149,14 +150,10 @@ with guard("The upload page"):
     )
     st.success(f"**{shown}**: {ny}\u00d7{nx} positions of {ky}\u00d7{kx} px, {info['dtype']} ({cal}).")
 
-    try:
-        avail = available_models()
-    except BackendMissing as exc:
-        st.error(str(exc))
-        st.stop()
+    avail = available_models()
     if not avail:
         st.warning(
-            f"No trained models under `{paths.data_dir() / 'models'}`: build the demo (Overview page) or "
+            f"No trained models under `{settings.models_dir()}`: build the demo (Overview page) or "
             "train models with `python -m polcore train` first."
         )
         st.stop()
@@ -180,7 +177,7 @@ with guard("The upload page"):
         new = jobs.start_job(
             "ingest",
             f"{name or path.stem} ({len(chosen)} model(s))",
-            ingest_or_rollback,
+            ingest_scan,
             path,
             list(chosen),
             ctx.db,

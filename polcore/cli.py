@@ -12,15 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-DATA = Path("data")
-DEFAULT_DB = DATA / "polbench.duckdb"
-
-
-def _progress_printer(prefix: str):
-    def progress(done, total, message=""):
-        print(f"{prefix} [{done}/{total}] {message}", flush=True)
-
-    return progress
+from polcore import settings
+from polcore.progress import printer as _fraction_printer
 
 
 def _cmd_simulate_draws(args) -> int:
@@ -40,14 +33,14 @@ def _cmd_simulate_draws(args) -> int:
 
 
 def _tqdm_fraction(desc: str):
-    from polcore.train import TqdmProgress
+    from polcore.progress import TqdmProgress
 
     return TqdmProgress(desc)
 
 
 def _cmd_simulate_library(args) -> int:
+    from polcore.simulate.build import PROFILES, build_library
     from polcore.simulate.draws import DRAW_PROFILES
-    from polcore.simulate.library import PROFILES, build_library
 
     if args.profile in DRAW_PROFILES and args.profile not in PROFILES:
         return _cmd_simulate_draws(args)
@@ -59,7 +52,7 @@ def _cmd_simulate_library(args) -> int:
     print(f"simulating the '{args.profile}' library with abTEM: {cfg.n_configs} configurations x 3 base variants, "
           f"thicknesses {cfg.thickness_nm} nm, {cfg.positions}x{cfg.positions} probe positions", flush=True)
     t0 = time.perf_counter()
-    out = build_library(cfg, args.out, progress=_progress_printer("library"))
+    out = build_library(cfg, args.out, progress=_fraction_printer("library"))
     size = out.stat().st_size / 1e6
     print(f"wrote {out} ({size:.1f} MB) in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
@@ -92,21 +85,10 @@ def _cmd_simulate_defaults(args) -> int:
     from polcore.simulate.composer import build_default_scans
 
     t0 = time.perf_counter()
-    paths = build_default_scans(args.out_dir, progress=_progress_printer("scans"))
+    args.out_dir = args.out_dir or settings.scans_dir()
+    paths = build_default_scans(args.out_dir, progress=_fraction_printer("scans"))
     print(f"{len(paths)} default scans in {args.out_dir} ({time.perf_counter() - t0:.1f} s)")
     return 0
-
-
-def _fraction_printer(prefix: str):
-    state = {"last": -1.0}
-
-    def progress(fraction, message=""):
-        f = float(fraction)
-        if f - state["last"] >= 0.01 or f >= 1.0:
-            state["last"] = f
-            print(f"{prefix} {100 * f:5.1f}% {message}", flush=True)
-
-    return progress
 
 
 def _cmd_train(args) -> int:
@@ -123,7 +105,7 @@ def _cmd_train(args) -> int:
         from polcore.simulate import load_library
 
         lib = load_library(args.library)
-    out = args.out or DATA / "models" / args.profile
+    out = args.out or settings.models_dir() / args.profile
     only = None
     if args.only:
         only = lambda c: c.name in args.only or c.family in args.only  # noqa: E731
@@ -135,27 +117,30 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_ingest(args) -> int:
-    from polcore.bench import ingest_scan
+    from polcore.ingest import ingest_scan
     from polcore.store import PredictionStore, queries
 
     t0 = time.perf_counter()
-    scan_id = ingest_scan(args.scan, args.models, args.db, progress=_fraction_printer("ingest"), name=args.name,
+    db = args.db or settings.db_path()
+    scan_id = ingest_scan(args.scan, args.models, db, progress=_fraction_printer("ingest"), name=args.name,
                           kind=args.kind, model_dir=args.model_dir)
-    runs = queries.list_runs(PredictionStore(args.db))
+    runs = queries.list_runs(PredictionStore(db))
     runs = runs[runs["scan_id"] == scan_id]
     cols = [c for c in ("model", "n_patterns", "seconds", "patterns_per_s", "device") if c in runs.columns]
     print(runs[cols].to_string(index=False))
-    print(f"scan {scan_id} ingested into {args.db} ({time.perf_counter() - t0:.1f} s)")
+    print(f"scan {scan_id} ingested into {db} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
 def _cmd_bench(args) -> int:
     import pandas as pd
 
-    from polcore.bench import run_bench, training_table
+    from polcore.benchmark import run_bench, training_table
     from polcore.store import PredictionStore, queries
 
     t0 = time.perf_counter()
+    args.db = args.db or settings.db_path()
+    args.model_dir = args.model_dir or [settings.models_dir()]
     if args.limit or args.draw_curve or args.heldout:
         return _cmd_bench_draws(args, t0)
     run_bench(args.db)
@@ -200,9 +185,10 @@ def _cmd_bench_draws(args, t0: float) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from polcore.bench import build_demo
+    from polcore.demo import build_demo
 
     t0 = time.perf_counter()
+    args.db = args.db or settings.db_path()
     summary = build_demo(args.db, profile=args.profile, progress=_fraction_printer("demo"))
     for k, v in summary.items():
         print(f"  {k}: {v}")
@@ -213,9 +199,9 @@ def _cmd_demo(args) -> int:
 def _cmd_analyze(args) -> int:
     import pandas as pd
 
-    from polcore.bench import analysis_report
+    from polcore.reports import analysis_report
 
-    df = analysis_report(args.db)
+    df = analysis_report(args.db or settings.db_path())
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
         print(df.to_string(index=False))
     return 0
@@ -265,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=_cmd_simulate_scan)
 
     dfl = simsub.add_parser("defaults", help="compose the default data sets (demo and benchmark rows)")
-    dfl.add_argument("--out-dir", type=Path, default=DATA / "scans")
+    dfl.add_argument("--out-dir", type=Path, default=None, help="default <data dir>/scans")
     dfl.set_defaults(func=_cmd_simulate_defaults)
 
     tr = sub.add_parser("train", help="train a model profile on the pattern library")
@@ -275,40 +261,40 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--draws", type=Path, default=None,
                     help="draw library folder (default ~/.cache/polbench/draws/train)")
     tr.add_argument("--only", nargs="+", default=None, help="train only these run names or families")
-    tr.add_argument("--out", type=Path, default=None, help="checkpoint folder (default data/models/<profile>)")
+    tr.add_argument("--out", type=Path, default=None, help="checkpoint folder (default <models dir>/<profile>)")
     tr.set_defaults(func=_cmd_train)
 
     ing = sub.add_parser("ingest", help="run models on a scan and store the predictions")
     ing.add_argument("scan", type=Path)
     ing.add_argument("--models", nargs="*", default=None, help="model names (default: all in --model-dir)")
-    ing.add_argument("--model-dir", type=Path, default=DATA / "models")
-    ing.add_argument("--db", type=Path, default=DEFAULT_DB)
+    ing.add_argument("--model-dir", type=Path, default=None, help="checkpoints (default $POLBENCH_MODELS or <data dir>/models)")
+    ing.add_argument("--db", type=Path, default=None, help="DuckDB file (default $POLBENCH_DB or <data dir>/polbench.duckdb)")
     ing.add_argument("--name", default=None)
     ing.add_argument("--kind", default="experimental", choices=["synthetic", "pseudo_experimental", "experimental"])
     ing.set_defaults(func=_cmd_ingest)
 
     be = sub.add_parser("bench", help="the study's benchmark table from the stored runs; --limit, --draw-curve "
                                       "and --heldout work on the draw library")
-    be.add_argument("--db", type=Path, default=DEFAULT_DB)
+    be.add_argument("--db", type=Path, default=None, help="DuckDB file (default $POLBENCH_DB or <data dir>/polbench.duckdb)")
     be.add_argument("--limit", action="store_true",
                     help="the physics limit: ideal observer on the held-out draws (nuisances known / unknown)")
     be.add_argument("--draw-curve", action="store_true",
                     help="nuisance-unknown accuracy against the number of training draws")
     be.add_argument("--heldout", action="store_true", help="held-out rows of every draw-trained checkpoint")
     be.add_argument("--draws", type=Path, default=None, help="draw library folder")
-    be.add_argument("--model-dir", type=Path, nargs="+", default=[DATA / "models"])
+    be.add_argument("--model-dir", type=Path, nargs="+", default=None, help="checkpoint folders (default <data dir>/models)")
     be.add_argument("--results", type=Path, default=Path("docs") / "results", help="CSV/PNG output folder")
     be.set_defaults(func=_cmd_bench)
 
     de = sub.add_parser("demo", help="build the demo database from the committed library (idempotent)")
-    de.add_argument("--db", type=Path, default=DEFAULT_DB)
+    de.add_argument("--db", type=Path, default=None, help="DuckDB file (default $POLBENCH_DB or <data dir>/polbench.duckdb)")
     de.add_argument("--profile", default=None, choices=["shipped", "quick", "paper"],
                     help="shipped: the committed checkpoints (data/models/shipped, no training); quick/paper: "
                          "train on the committed library first; default: shipped when present, else quick")
     de.set_defaults(func=_cmd_demo)
 
     an = sub.add_parser("analyze", help="periodic errors, defect ROC-AUC and domain gap per run")
-    an.add_argument("--db", type=Path, default=DEFAULT_DB)
+    an.add_argument("--db", type=Path, default=None, help="DuckDB file (default $POLBENCH_DB or <data dir>/polbench.duckdb)")
     an.set_defaults(func=_cmd_analyze)
     return p
 

@@ -17,6 +17,10 @@ the known probe position and thickness, in two versions:
 * ``unknown``: the likelihood is averaged over the training draws (tilt, defocus, convergence, Nb displacement,
   disorder and phonons unknown, drawn from the training distribution). Per cell the nuisance is shared by the
   cell's positions: ``L(c) = mean_j prod_pos L(n_pos | template_{c, j, pos})``.
+* ``unknown_pos``: nuisances AND the probe position inside the cell unknown: the likelihood of each pattern is
+  averaged over the training draws and over every position of the cell. This is the limit of a classifier
+  that sees one pattern and nothing else, which is what a per-pattern network is. Its per-cell score pools
+  those position-blind per-pattern posteriors over the cell, as the networks' unit-cell layer does.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def ideal_observer(lib, *, role: str = "test", train_role: str = "train", thickn
     thickness : thicknesses [nm] (None = every thickness of ``role``).
     doses : electrons per pattern.
     n_train_draws : use only the first n training draws (None = all), for the curve against the draw count.
-    versions : 'known' and/or 'unknown'.
+    versions : any of 'known', 'unknown' and 'unknown_pos' (nuisances and probe position unknown).
     bin_px : sum bin_px x bin_px detector pixels of patterns and templates first (counts stay Poisson). With a
         finite set of training draws, the marginalised likelihood over-weights fine detail that differs between
         draws; binning trades resolution for robustness and can score higher (both are lower bounds of the
@@ -143,7 +147,7 @@ def ideal_observer(lib, *, role: str = "test", train_role: str = "train", thickn
     for t in ts:
         t = float(t)
         tr = None
-        if "unknown" in versions:
+        if "unknown" in versions or "unknown_pos" in versions:
             n_tr = lib.n_draws(train_role) if n_train_draws is None else min(n_train_draws, lib.n_draws(train_role))
             if n_tr < 1:
                 raise ValueError(f"no {train_role} draws for the nuisance-unknown observer")
@@ -169,9 +173,24 @@ def ideal_observer(lib, *, role: str = "test", train_role: str = "train", thickn
                     ll[:, p] = (n[:, p] @ lt[:, :, p].reshape(J * C, K * K).T).reshape(D * C, J, C)
                 per_pos = _logmeanexp(ll, axis=2)  # (D*C, P, C): nuisance marginalised per position
                 cell = _logmeanexp(ll.sum(axis=1), axis=1)  # (D*C, C): one nuisance for the whole cell
-                rows.append(_score("unknown", dose, t, per_pos, y, cell, role, J, bin_px=bin_px))
+                if "unknown" in versions:
+                    rows.append(_score("unknown", dose, t, per_pos, y, cell, role, J, bin_px=bin_px))
+                if "unknown_pos" in versions:
+                    blind = _position_blind(n.reshape(D * C * P, K * K), lt, J, C, P).reshape(D * C, P, C)
+                    rows.append(_score("unknown_pos", dose, t, blind, y, None, role, J, bin_px=bin_px))
         log.info("ideal observer at %g nm done", t)
     return pd.DataFrame(rows)
+
+
+def _position_blind(n: np.ndarray, lt: np.ndarray, J: int, C: int, P: int, chunk: int = 256) -> np.ndarray:
+    """log mean over (draw, position) of the Poisson log-likelihood of each pattern under each class:
+    n (M, KK) counts, lt (J, C, P, KK) log templates -> (M, C)."""
+    flat = np.ascontiguousarray(lt.transpose(1, 0, 2, 3).reshape(C * J * P, -1).T)  # (KK, C*J*P)
+    out = np.empty((len(n), C), np.float32)
+    for i in range(0, len(n), chunk):
+        ll = (n[i : i + chunk] @ flat).reshape(-1, C, J * P)
+        out[i : i + chunk] = _logmeanexp(ll, axis=2)
+    return out
 
 
 def _score(version, dose, t, ll_pos, y, ll_cell, role, n_train=None, bin_px: int = 1) -> dict:

@@ -55,7 +55,8 @@ class ScanPrediction:
 
 
 def make_preprocessor(model, scan=None):
-    """The preprocessor stored with ``model`` (its meta 'preprocessing'), refitted on ``scan`` when given."""
+    """The preprocessor stored with ``model`` (its meta 'preprocessing'), unfitted; fitted on ``scan`` when
+    given (a full pass over the scan: prefer :func:`predict_scan_many`, which fits inside its single pass)."""
     from polcore.preprocess import Preprocessor
 
     meta = getattr(model, "meta", {}) or {}
@@ -73,17 +74,38 @@ def _device_of(model) -> str:
     return str(getattr(dev, "type", dev or "cpu"))
 
 
+def _groups(models, preprocessor) -> tuple[list, list[int]]:
+    """Preprocessors shared by models whose preprocessing settings agree, and each model's group index."""
+    if preprocessor is not None:
+        return [preprocessor], [0] * len(models)
+    pres, keys, index = [], [], []
+    for model in models:
+        pre = make_preprocessor(model)
+        key = pre.settings_key()
+        if key not in keys:
+            keys.append(key)
+            pres.append(pre)
+        index.append(keys.index(key))
+    return pres, index
+
+
 def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, preprocessor=None,
-                      embed_sample: int = 2000, seed: int = 0) -> list[ScanPrediction]:
-    """Run several models over one scan in one pass (patterns are read and preprocessed once).
+                      fit_patterns: int = 4096, embed_sample: int = 2000, seed: int = 0) -> list[ScanPrediction]:
+    """Run several models over one scan in ONE pass over the file.
+
+    Models whose preprocessing settings agree (target sampling, convergence, size) share one preprocessor;
+    models that differ each get their own, so no model is fed another's input. Unless a fitted
+    ``preprocessor`` is given, each preprocessor is fitted on the first ``fit_patterns`` patterns of the same
+    pass (held in memory until the fit, then predicted), so the file is read exactly once.
 
     Parameters
     ----------
-    scan : a ``polcore.io`` Scan (``nav_shape``, ``iter_batches``).
+    scan : a ``polcore.io`` Scan (``nav_shape``, ``iter_batches``, ``meta``).
     models : objects with ``infer(X) -> (pred (n,), proba (n, 8), embedding (n, d))`` and ``meta``.
     batch_size : patterns per batch [-].
-    progress : optional ``progress(done, total, message)``.
-    preprocessor : a fitted Preprocessor; None = the first model's, fitted on this scan.
+    progress : optional ``progress(fraction, message)``.
+    preprocessor : a fitted Preprocessor used for every model; None = fit from the pass (see above).
+    fit_patterns : how many leading patterns the preprocessing fit uses [-].
     embed_sample : number of positions whose features and inputs are kept (seeded subsample).
     seed : seed of the subsample.
     """
@@ -93,7 +115,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         raise ValueError("no models given")
     ny, nx = scan.nav_shape
     n_total = ny * nx
-    pre = preprocessor if preprocessor is not None else make_preprocessor(models[0], scan)
+    pres, group_of = _groups(models, preprocessor)
     rng = np.random.default_rng(seed)
     keep = np.zeros(n_total, bool)
     keep[rng.choice(n_total, size=min(embed_sample, n_total), replace=False)] = True
@@ -105,20 +127,22 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     t_read = 0.0
     done = 0
     t0 = time.perf_counter()
-    for pos, batch in scan.iter_batches(batch_size):
+
+    def run(pos, batch):
+        nonlocal t_read, done
         t1 = time.perf_counter()
-        X = pre.transform(batch)
+        Xs = [pre.transform(batch) for pre in pres]
         flat = pos[:, 0] * nx + pos[:, 1]
-        com[flat] = com_magnitude(X)
+        com[flat] = com_magnitude(Xs[0])
         sel = keep[flat]
         if sel.any():
             sample_idx.append(flat[sel])
             n_s = int(sel.sum())
-            inputs.append(X[sel].reshape(n_s, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(n_s, -1))
+            inputs.append(Xs[0][sel].reshape(n_s, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(n_s, -1))
         t_read += time.perf_counter() - t1
         for m, (model, o) in enumerate(zip(models, outs)):
             t2 = time.perf_counter()
-            pred, proba, emb = model.infer(X)
+            pred, proba, emb = model.infer(Xs[group_of[m]])
             seconds[m] += time.perf_counter() - t2
             o["pred"][flat] = pred
             o["probs"][flat] = proba
@@ -126,7 +150,26 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
                 o["feats"].append(np.asarray(emb, np.float32)[sel])
         done += len(flat)
         if progress is not None:
-            progress(done, n_total, f"{done}/{n_total} patterns")
+            progress(done / n_total, f"{done}/{n_total} patterns x {len(models)} model(s)")
+
+    pending = [] if preprocessor is None else None  # batches held until the fit
+    n_pending = 0
+    meta = getattr(scan, "meta", None)
+    for pos, batch in scan.iter_batches(batch_size):
+        if pending is None:
+            run(pos, batch)
+            continue
+        pending.append((pos, np.asarray(batch)))
+        n_pending += len(pos)
+        if n_pending >= fit_patterns:
+            _fit_all(pres, pending, meta)
+            for p, b in pending:
+                run(p, b)
+            pending = None
+    if pending:
+        _fit_all(pres, pending, meta)
+        for p, b in pending:
+            run(p, b)
     wall = time.perf_counter() - t0
     if done != n_total:
         raise RuntimeError(f"scan yielded {done} patterns, expected {n_total}")
@@ -143,11 +186,18 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
                 pred=o["pred"].reshape(ny, nx), probs=probs, confidence=probs.max(axis=-1),
                 com=com.reshape(ny, nx), sample_pos=sample_pos, features=feats, inputs=inp,
                 seconds=float(seconds[m] + share), n_patterns=n_total, device=_device_of(model),
-                preprocess=pre.to_dict(),
+                preprocess=pres[group_of[m]].to_dict(),
             )
         )
-    log.info("predicted %d patterns with %d model(s) in %.1f s", n_total, len(models), wall)
+    log.info("predicted %d patterns with %d model(s) (%d preprocessing group(s)) in %.1f s", n_total,
+             len(models), len(pres), wall)
     return results
+
+
+def _fit_all(pres, pending, meta) -> None:
+    first = np.concatenate([b for _, b in pending])
+    for pre in pres:
+        pre.fit_patterns(first, meta)
 
 
 def predict_scan(scan, model, *, batch_size: int = 256, progress=None, preprocessor=None,

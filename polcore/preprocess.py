@@ -280,14 +280,26 @@ class Preprocessor:
             count += int(keep.sum())
         if acc is None or count == 0:
             raise ValueError(f"scan {getattr(scan, 'path', '')!s} yielded no patterns")
-        meta = getattr(scan, "meta", None)
+        self._fit_sum(acc, count, getattr(scan, "meta", None))
+        self.info.update(stride=stride)
+        return self
+
+    def fit_patterns(self, patterns, meta=None) -> Preprocessor:
+        """Fit from patterns already in memory (n, ky, kx), e.g. the first batches of an ingest's single pass
+        over the file; ``meta`` is the scan's ScanMeta (calibration) or None."""
+        b = np.asarray(patterns)
+        if b.ndim != 3 or b.shape[0] == 0:
+            raise ValueError(f"fit_patterns needs (n, ky, kx) patterns with n > 0, got shape {b.shape}")
+        self._fit_sum(b.astype(np.float64).sum(axis=0), b.shape[0], meta)
+        return self
+
+    def _fit_sum(self, acc: np.ndarray, count: int, meta) -> None:
         cal = getattr(meta, "mrad_per_px", None) if meta is not None else None
         conv = getattr(meta, "convergence_mrad", None) if meta is not None else None
         if conv and cal is None:
             self.convergence_mrad = float(conv)
         self.fit_mean(acc / count, mrad_per_px=cal)
-        self.info.update(n_mean_patterns=count, stride=stride, convergence_mrad=self.convergence_mrad)
-        return self
+        self.info.update(n_mean_patterns=int(count), convergence_mrad=self.convergence_mrad)
 
     # ---------------------------------------------------------------- transform
     def _source_coords(self, ky: int, kx: int):
@@ -364,6 +376,10 @@ class Preprocessor:
         p.info = dict(d.get("info") or {})
         p.hot_pixels_ = np.asarray(d.get("hot_pixels") or np.zeros((0, 2)), int).reshape(-1, 2)
         return p
+
+    def settings_key(self) -> tuple:
+        """What must agree for two models to share one fitted preprocessor: (target sampling, convergence, size)."""
+        return (round(self.target_mrad_per_px, 9), round(self.convergence_mrad, 9), self.size)
 
     def unfitted_copy(self) -> Preprocessor:
         """Same settings, no fitted state (to fit on another scan)."""

@@ -23,28 +23,27 @@ from pathlib import Path
 
 import numpy as np
 
+from polcore import settings
 from polcore.models import FAMILIES, FAMILY_HEADS, build_model, checkpoint_suffix, read_checkpoint_meta
 from polcore.models import save_checkpoint as _save
+from polcore.naming import run_name
 from polcore.preprocess import Augmenter, Preprocessor, com_filter_mask, com_magnitude
+from polcore.progress import Progress, scaled
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
     "PROFILES",
-    "DEFAULT_MODELS_DIR",
     "train_model",
     "train_profile",
     "profile_configs",
     "checkpoint_path",
     "prepare_split",
     "seed_everything",
-    "TqdmProgress",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"
-Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -134,14 +133,8 @@ class TrainConfig:
 
     @property
     def name(self) -> str:
-        """File-name-safe run name, e.g. ``resnet-resnet18-cls-s888``."""
-        parts = [self.family]
-        if self.family != "pca_knn":
-            parts.append(self.arch or {"custom_cnn": "study", "resnet": "resnet18", "vgg": "vgg11_bn"}[self.family])
-        parts += [self.head, f"s{self.seed}"]
-        if self.tag:
-            parts.append(self.tag)
-        return "-".join(parts)
+        """File-name-safe run name, e.g. ``resnet-resnet18-cls-s888`` (:func:`polcore.naming.run_name`)."""
+        return run_name(self.family, self.head, self.seed, self.arch, self.tag)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -283,16 +276,6 @@ def prepare_split(library, split: str, thickness, pre: Preprocessor, *, max_patt
     return Xp, y[idx], info.iloc[idx].reset_index(drop=True)
 
 
-def _scaled(progress: Progress | None, lo: float, hi: float, prefix: str = "") -> Progress | None:
-    if progress is None:
-        return None
-
-    def f(frac: float, msg: str) -> None:
-        progress(lo + (hi - lo) * min(max(frac, 0.0), 1.0), f"{prefix}{msg}")
-
-    return f
-
-
 def train_model(cfg: TrainConfig, library, *, out_dir, progress: Progress | None = None):
     """Train one model on the library and save its checkpoint in ``out_dir``.
 
@@ -326,13 +309,13 @@ def train_model(cfg: TrainConfig, library, *, out_dir, progress: Progress | None
     aug = Augmenter(np.random.default_rng(cfg.seed + 1)) if cfg.augment else None
     if cfg.family == "pca_knn":
         model = build_model("pca_knn", "cls", random_state=cfg.seed, **cfg.model_kwargs)
-        model.fit(Xtr, ytr, Xv, yv, augmenter=aug, progress=_scaled(progress, 0.05, 0.8))
+        model.fit(Xtr, ytr, Xv, yv, augmenter=aug, progress=scaled(progress, 0.05, 0.8))
     else:
         model = build_model(cfg.family, cfg.head, **({"arch": cfg.arch} if cfg.arch else {}), **cfg.model_kwargs)
         model.fit(
             Xtr, ytr, Xv, yv, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
             batch_size=cfg.batch_size, patience=cfg.patience, augmenter=aug, seed=cfg.seed,
-            progress=_scaled(progress, 0.05, 0.8, f"{cfg.name}: "),
+            progress=scaled(progress, 0.05, 0.8, f"{cfg.name}: "),
         )
     train_seconds = time.perf_counter() - t0
     # held-out configurations ('test' role) at every evaluated thickness
@@ -489,12 +472,12 @@ def train_profile(name: str, library=None, out_dir=None, progress: Progress | No
     list of TrainResult, in profile order (``skipped=True`` for existing checkpoints).
     """
     cfgs = [c for c in profile_configs(name) if only is None or only(c)]
-    out = Path(out_dir) if out_dir is not None else DEFAULT_MODELS_DIR / name
+    out = Path(out_dir) if out_dir is not None else settings.models_dir() / name
     lib = library
     results = []
     for i, cfg in enumerate(cfgs):
         path = checkpoint_path(cfg, out)
-        sub = _scaled(progress, i / len(cfgs), (i + 1) / len(cfgs), f"[{i + 1}/{len(cfgs)}] ")
+        sub = scaled(progress, i / len(cfgs), (i + 1) / len(cfgs), f"[{i + 1}/{len(cfgs)}] ")
         if path.is_file():
             results.append(TrainResult.from_meta(read_checkpoint_meta(path), path, skipped=True))
             log.info("%s: checkpoint exists, skipped", cfg.name)
@@ -512,31 +495,3 @@ def train_profile(name: str, library=None, out_dir=None, progress: Progress | No
         _, res = train_model(cfg, lib, out_dir=out, progress=sub)
         results.append(res)
     return results
-
-
-class TqdmProgress:
-    """A ``progress(fraction, message)`` callback drawing a tqdm bar (for the command line).
-
-    Use as a context manager: ``with TqdmProgress("quick") as p: train_profile("quick", progress=p)``.
-    """
-
-    def __init__(self, desc: str = "", total: int = 1000):
-        from tqdm.auto import tqdm
-
-        self.total = total
-        self.bar = tqdm(total=total, desc=desc, unit="‰", dynamic_ncols=True)
-
-    def __call__(self, fraction: float, message: str) -> None:
-        n = int(round(min(max(fraction, 0.0), 1.0) * self.total))
-        if n > self.bar.n:
-            self.bar.update(n - self.bar.n)
-        self.bar.set_postfix_str(message[-70:], refresh=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

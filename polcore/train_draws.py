@@ -158,8 +158,9 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
     (model, TrainResult)
     """
     from polcore.evaluate import evaluate_model
+    from polcore.progress import scaled
     from polcore.simulate.microscope import MicroscopeAugment
-    from polcore.train import TrainResult, _scaled, checkpoint_path, seed_everything
+    from polcore.train import TrainResult, checkpoint_path, seed_everything
 
     if isinstance(lib, (str, Path)) or lib is None:
         from polcore.simulate.draws import load_draws
@@ -203,14 +204,14 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
         parts = [sampler(k) for k in range(n_b)]
         X = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
-        model.fit(X, y, Xv, yv, progress=_scaled(progress, 0.05, 0.8))
+        model.fit(X, y, Xv, yv, progress=scaled(progress, 0.05, 0.8))
         steps_run = n_b
     else:
         model = build_model(cfg.family, cfg.head, **({"arch": cfg.arch} if cfg.arch else {}), **cfg.model_kwargs)
         model.fit_stream(sampler, Xv, yv, steps=int(cfg.steps) + cfg.warmup_steps, lr=cfg.lr,
                          weight_decay=cfg.weight_decay,
                          eval_every=cfg.eval_every, patience=cfg.patience,
-                         progress=_scaled(progress, 0.02, 0.85, f"{cfg.name}: "))
+                         progress=scaled(progress, 0.02, 0.85, f"{cfg.name}: "))
         steps_run = max((h.get("step", 0) for h in model.history_), default=0)
     train_seconds = time.perf_counter() - t0
     if progress is not None:

@@ -97,14 +97,72 @@ class ScanMeta:
 
 @dataclass(frozen=True)
 class Filters:
-    """Filters shared by queries and analyses.
+    """The dashboard's and the reports' filters, with ONE meaning wherever they apply.
 
-    thickness : (lo, hi) [nm], inclusive, or None for all.
-    region : (y0, y1, x0, x1) scan-pixel rectangle, inclusive bounds, or None for the whole scan.
+    thickness : (lo, hi) [nm], inclusive, or None for all; positions of unknown thickness drop out when set.
+    region : (y0, y1, x0, x1) scan-pixel rectangle, inclusive bounds, or None for the whole scan. A region is
+        always a mask: maps keep their shape and positions outside are left out (NaN), never cropped.
+
+    The same test is applied to a grid (:meth:`mask`, :meth:`apply`), to a frame
+    (``polcore.analysis.apply_filters``) and in SQL (``polcore.store.queries``).
     """
 
     thickness: tuple[float, float] | None = None
     region: tuple[int, int, int, int] | None = None
+
+    def __post_init__(self):
+        if self.thickness is not None:
+            if len(self.thickness) != 2:
+                raise ValueError(f"Filters.thickness must be (lo, hi) [nm], got {self.thickness!r}")
+            lo, hi = (float(v) for v in self.thickness)
+            object.__setattr__(self, "thickness", (min(lo, hi), max(lo, hi)))
+        if self.region is not None:
+            if len(self.region) != 4:
+                raise ValueError(f"Filters.region must be (y0, y1, x0, x1) scan pixels, got {self.region!r}")
+            y0, y1, x0, x1 = (int(v) for v in self.region)
+            object.__setattr__(self, "region", (min(y0, y1), max(y0, y1), min(x0, x1), max(x0, x1)))
+
+    @property
+    def active(self) -> bool:
+        return self.thickness is not None or self.region is not None
+
+    def keep(self, iy, ix, thickness_nm=None) -> np.ndarray:
+        """Boolean: which positions (iy, ix) with local thickness ``thickness_nm`` [nm] pass."""
+        iy, ix = np.asarray(iy), np.asarray(ix)
+        out = np.ones(np.broadcast(iy, ix).shape, bool)
+        if self.thickness is not None:
+            if thickness_nm is None:
+                raise ValueError("a thickness filter needs the local thickness")
+            t = np.asarray(thickness_nm, float)
+            out &= (t >= self.thickness[0]) & (t <= self.thickness[1])
+        if self.region is not None:
+            y0, y1, x0, x1 = self.region
+            out &= (iy >= y0) & (iy <= y1) & (ix >= x0) & (ix <= x1)
+        return out
+
+    def mask(self, shape: tuple[int, int], thickness_nm=None) -> np.ndarray:
+        """Boolean (ny, nx) grid of the positions that pass (``thickness_nm``: an (ny, nx) grid or None)."""
+        iy, ix = np.indices(tuple(shape))
+        return self.keep(iy, ix, thickness_nm)
+
+    def apply(self, values, thickness_nm=None) -> np.ndarray:
+        """Float copy of an (ny, nx) grid with NaN where a position does not pass."""
+        v = np.array(values, dtype=float)
+        if self.active:
+            v[~self.mask(v.shape, thickness_nm)] = np.nan
+        return v
+
+    def key(self) -> tuple:
+        """Hashable form (cache keys): ((lo, hi) | None, (y0, y1, x0, x1) | None)."""
+        return (self.thickness, self.region)
+
+    @classmethod
+    def from_key(cls, key: tuple | None) -> Filters:
+        """Inverse of :meth:`key` (None = no filter)."""
+        if key is None:
+            return cls()
+        th, rg = key
+        return cls(thickness=None if th is None else tuple(th), region=None if rg is None else tuple(rg))
 
 
 def jsonable(obj):

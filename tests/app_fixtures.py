@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from polcore.io.ground_truth import write_ground_truth
 from polcore.types import class_to_vector
 
 __all__ = [
@@ -144,12 +145,9 @@ def write_scan(
             ds.attrs.update(name=name, units=units)
         if not ground_truth:
             return path
-        gt = f.create_group("ground_truth")
-        gt.create_dataset("label", data=np.where(defect, -1, labels).astype(np.int8))
-        gt.create_dataset("thickness_nm", data=thickness.astype(np.float32))
-        gt.create_dataset("defect", data=defect.astype(bool))
-        gt.create_dataset("region", data=(labels if region is None else region).astype(np.int16))
-        gt.attrs.update(cell_px=cell_px, step_nm=STEP_NM)
+        truth = dict(label=np.where(defect, -1, labels), thickness_nm=thickness, defect=defect,
+                     region=labels if region is None else region)
+        write_ground_truth(f, truth, dict(cell_px=cell_px, step_nm=STEP_NM))
     return path
 
 

@@ -267,7 +267,7 @@ def test_failed_ingest_leaves_database_unchanged(store_info):
     """An ingest that fails after the scan was registered (here: cancelled from its progress callback, as a
     crash mid-way would) leaves every table as it was."""
     from polcore.store import PredictionStore
-    from ui.backend import ingest_or_rollback
+    from ui.backend import ingest_scan
 
     rng = np.random.default_rng(4)
     lab = make_labels(8, 8, rng)
@@ -287,7 +287,7 @@ def test_failed_ingest_leaves_database_unchanged(store_info):
         raise RuntimeError("cancelled by the test")
 
     with pytest.raises(RuntimeError, match="cancelled by the test"):
-        ingest_or_rollback(path, ["pca_knn-cls-s0"], store_info.db, name="cancel", progress=progress)
+        ingest_scan(path, ["pca_knn-cls-s0"], store_info.db, name="cancel", progress=progress)
     assert calls, "the failure must come after the scan was registered"
     assert store.counts() == before
 
@@ -342,7 +342,7 @@ def test_background_job_reports_progress_and_errors():
 
     def work(n, kind, progress=None):
         for i in range(n):
-            progress(i + 1, n, f"step {i + 1}")
+            progress((i + 1) / n, f"step {i + 1}")
         return f"{n * 2}{kind}"
 
     def broken(progress=None):

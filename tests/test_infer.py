@@ -46,15 +46,62 @@ def test_streaming_equals_whole_array(scan_and_models, batch_size):
         assert res.n_patterns == arr.shape[0] * arr.shape[1] and res.seconds > 0
 
 
+class CountingScan:
+    """A Scan wrapper that counts every pattern read through it (iter_batches and pattern)."""
+
+    def __init__(self, scan):
+        self._scan = scan
+        self.nav_shape, self.sig_shape, self.meta = scan.nav_shape, scan.sig_shape, scan.meta
+        self.patterns_read = 0
+
+    def iter_batches(self, batch_size):
+        for pos, batch in self._scan.iter_batches(batch_size):
+            self.patterns_read += len(pos)
+            yield pos, batch
+
+    def pattern(self, iy, ix):
+        self.patterns_read += 1
+        return self._scan.pattern(iy, ix)
+
+
 def test_many_models_share_one_pass_and_progress(scan_and_models):
-    scan, _, models, _ = scan_and_models
+    scan, arr, models, _ = scan_and_models
+    counting = CountingScan(scan)
     seen = []
-    res = predict_scan_many(scan, list(models), batch_size=32, progress=lambda d, t, m: seen.append((d, t)))
-    assert len(res) == 2 and seen[-1] == (143, 143) and len(seen) == 5
+    res = predict_scan_many(counting, list(models), batch_size=32, fit_patterns=40,
+                            progress=lambda f, m: seen.append(f))
+    # the preprocessing fit and the inference share ONE pass: every pattern is read exactly once
+    assert counting.patterns_read == 143
+    assert len(res) == 2 and seen[-1] == 1.0 and len(seen) == 5 and seen == sorted(seen)
     np.testing.assert_array_equal(res[0].com, res[1].com)
-    single = predict_scan(scan, models[1], batch_size=50)
-    np.testing.assert_array_equal(res[1].pred, single.pred)  # one pass for many = each on its own
+    # the fit used the first 64 patterns (two batches of 32 >= fit_patterns); an independent path: fit those
+    # patterns by hand, transform the whole array at once, infer
+    flat = arr.reshape(-1, *arr.shape[2:])
+    pre = make_preprocessor(models[1]).fit_patterns(flat[:64])
+    assert res[1].preprocess["center"] == pytest.approx(list(pre.center_))
+    pred, proba, _ = models[1].infer(pre.transform(flat))
+    np.testing.assert_array_equal(res[1].pred.ravel(), pred)
+    np.testing.assert_allclose(res[1].probs.reshape(-1, 8), proba, rtol=1e-5, atol=1e-6)
     assert res[0].com.max() > 0 and np.all(np.isfinite(res[0].com))
+
+
+def test_models_with_different_preprocessing_each_get_their_own(scan_and_models, tiny_library):
+    scan, arr, models, _ = scan_and_models
+    lib = tiny_library
+    other = build_model("pca_knn", n_components=8, input_size=lib.size)
+    X, y, _ = lib.select("train")
+    other.fit(X, y)
+    other.meta["preprocessing"] = Preprocessor(0.8 * lib.meta["mrad_per_px"], lib.meta["convergence_mrad"],
+                                               size=lib.size).to_dict()
+    counting = CountingScan(scan)
+    res = predict_scan_many(counting, [models[0], other], batch_size=50)
+    assert counting.patterns_read == 143  # two preprocessing groups, still one pass
+    a, b = (r.preprocess for r in res)
+    assert a["target_mrad_per_px"] != b["target_mrad_per_px"]
+    assert b["target_mrad_per_px"] == pytest.approx(0.8 * lib.meta["mrad_per_px"])
+    flat = arr.reshape(-1, *arr.shape[2:])
+    pre_b = make_preprocessor(other).fit_patterns(flat)
+    np.testing.assert_array_equal(res[1].pred.ravel(), other.infer(pre_b.transform(flat))[0])
 
 
 def test_model_without_preprocessing_is_refused(scan_and_models):

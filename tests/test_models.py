@@ -88,7 +88,8 @@ def test_paper_archs_build():
         m = build_model(fam, "cls", arch=arch, device="cpu")
         assert m.cfg["arch"] == arch
         assert m.net.neck[0].in_features == n_feat
-        assert m.net.backbone.conv1.in_channels == 1 if fam == "resnet" else True
+        first = next(x for x in m.net.backbone.modules() if isinstance(x, torch.nn.Conv2d))
+        assert first.in_channels == 1  # single-channel diffraction patterns, for both families
 
 
 # ----------------------------------------------------------------------------- angle <-> class helpers

@@ -10,7 +10,11 @@ pytest.importorskip("abtem")
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_library, tmp_path_factory):
-    from polcore import bench
+    from types import SimpleNamespace
+
+    from polcore.benchmark import run_bench
+    from polcore.ingest import ingest_scan
+    from polcore.reports import analysis_report, compute_embeddings
     from polcore.simulate.composer import ScanComposerConfig, compose_scan, write_emd
     from polcore.train import TrainConfig, train_model
 
@@ -27,6 +31,8 @@ def pipeline(tiny_library, tmp_path_factory):
                                  thickness_nm=8.0, seed=4, **extra)
         truth, blocks = compose_scan(cfg, tiny_library)
         scans[name] = (write_emd(tmp / f"{name}.h5", truth, blocks, cfg), kind)
+    bench = SimpleNamespace(ingest_scan=ingest_scan, run_bench=run_bench, compute_embeddings=compute_embeddings,
+                            analysis_report=analysis_report)
     db = tmp / "pb.duckdb"
     ids = {}
     for name, (path, kind) in scans.items():

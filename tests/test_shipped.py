@@ -9,17 +9,18 @@ import re
 import numpy as np
 import pytest
 
-from polcore.bench import SHIPPED_MODELS_DIR, checkpoints
+from polcore.ingest import checkpoints
 from polcore.models import load_checkpoint, read_checkpoint_meta
+from polcore.settings import shipped_models_dir
 from polcore.simulate.draws import DRAW_PROFILES
 from polcore.train import TrainConfig, profile_configs
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    paths = checkpoints(SHIPPED_MODELS_DIR)
+    paths = checkpoints(shipped_models_dir())
     if not paths:
-        pytest.fail(f"no shipped checkpoints in {SHIPPED_MODELS_DIR}")
+        pytest.fail(f"no shipped checkpoints in {shipped_models_dir()}")
     return paths
 
 

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from polcore.simulate.library import PROFILES, _structure_for, rotate_entry, simulate_cell_scan
+from polcore.simulate.build import PROFILES, _structure_for, simulate_cell_scan
+from polcore.simulate.library import rotate_entry
 from polcore.simulate.structure import (
     VARIANTS,
     StructureParams,

@@ -1,31 +1,24 @@
-"""Thin, lazy bridges to the orchestration in ``polcore.bench`` and to the scan readers.
+"""The dashboard's calls into polcore: ingest, the demo build, the model list, uploads and pattern reads.
 
-The pages call these instead of importing heavy modules at load time; when an optional part is missing the
-functions raise :class:`BackendMissing`, whose message a page shows with ``st.error``.
+Each function calls the polcore module that does the job (:mod:`polcore.ingest`, :mod:`polcore.demo`,
+:mod:`polcore.io`) directly, with the folders of :mod:`polcore.settings`. Heavy modules are imported inside the
+functions, so a page loads fast.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import logging
 import os
-import shutil
-from collections.abc import Callable
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from ui import paths
-
-CHECKPOINT_SUFFIXES = (".pt", ".npz")
+from polcore import settings
 
 __all__ = [
-    "BackendMissing",
-    "bench_function",
     "build_demo",
     "ingest_scan",
-    "ingest_or_rollback",
     "available_models",
     "save_upload",
     "validate_scan",
@@ -34,84 +27,40 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-
-class BackendMissing(RuntimeError):
-    """A polcore function the dashboard needs is not available in this installation."""
-
-
-def bench_function(name: str) -> Callable:
-    """``polcore.bench.<name>``, imported on first use.
-
-    Raises
-    ------
-    BackendMissing
-        When polcore.bench (or the function) cannot be imported.
-    """
-    try:
-        mod = importlib.import_module("polcore.bench")
-    except ImportError as exc:
-        log.exception("polcore.bench cannot be imported")
-        raise BackendMissing(f"The benchmark orchestration (polcore.bench) is not available: {exc}") from exc
-    fn = getattr(mod, name, None)
-    if fn is None:
-        raise BackendMissing(f"polcore.bench has no function {name!r} in this version.")
-    return fn
+#: sha256 of each upload saved by this server process, hashed while its bytes were written (so an ingest of
+#: an upload never reads the file a second time to hash it).
+_UPLOAD_SHA: dict[str, str] = {}
+_UPLOAD_LOCK = threading.Lock()
 
 
 def build_demo(db_path: Path, progress=None):
-    """Build the demo database (``polcore.bench.build_demo``)."""
-    return bench_function("build_demo")(db_path, progress=progress)
+    """Build the demo database (:func:`polcore.demo.build_demo`)."""
+    from polcore.demo import build_demo as _build
+
+    return _build(db_path, progress=progress)
 
 
-def ingest_scan(
-    path: Path,
-    model_names: list[str],
-    db_path: Path,
-    progress=None,
-    name: str | None = None,
-    kind: str = "experimental",
-    dataset: str | None = None,
-) -> int:
-    """Ingest one scan with the chosen models (``polcore.bench.ingest_scan``); returns the scan_id.
+def ingest_scan(path: Path, model_names: list[str], db_path: Path, progress=None, name: str | None = None,
+                kind: str = "experimental", dataset: str | None = None) -> int:
+    """Ingest one scan with the chosen models (:func:`polcore.ingest.ingest_scan`); returns the scan_id.
 
-    Checkpoints are looked up under ``<data dir>/models`` (the demo trains into it) when the orchestration
-    accepts a ``model_dir``.
+    Checkpoints come from :func:`polcore.settings.models_dir`. A failed ingest leaves the database as it was.
     """
-    fn = bench_function("ingest_scan")
-    kw: dict = {"progress": progress, "name": name, "kind": kind}
-    params = inspect.signature(fn).parameters
-    if "dataset" in params and dataset:
-        kw["dataset"] = dataset
-    if "model_dir" in params:
-        kw["model_dir"] = paths.data_dir() / "models"
-    return fn(Path(path).resolve(), model_names, db_path, **kw)
+    from polcore.ingest import ingest_scan as _ingest
 
-
-#: ``polcore.bench.ingest_scan`` rolls a failed ingest back itself (runs are one transaction each; a scan row
-#: the call added is removed again when none of its runs was stored), so the pages' name is an alias.
-ingest_or_rollback = ingest_scan
+    path = Path(path).resolve()
+    with _UPLOAD_LOCK:
+        sha = _UPLOAD_SHA.get(str(path))
+    return _ingest(path, model_names, db_path, progress=progress, name=name, kind=kind, dataset=dataset,
+                   model_dir=settings.models_dir(), sha256=sha)
 
 
 def available_models(model_dir: Path | None = None) -> dict[str, Path]:
-    """Trained checkpoints under ``model_dir`` (default ``<data dir>/models``): model name -> path.
+    """Trained checkpoints (default :func:`polcore.settings.models_dir`): model name -> path, from their
+    metadata alone (:func:`polcore.ingest.available_models`)."""
+    from polcore.ingest import available_models as _available
 
-    Names follow ``polcore.bench.model_name`` (``family[-arch]-head-s<seed>``), the names ingest expects.
-    """
-    from polcore.models import read_checkpoint_meta
-
-    model_dir = Path(model_dir or paths.data_dir() / "models")
-    if not model_dir.is_dir():
-        return {}
-    name_of = bench_function("model_name")
-    out: dict[str, Path] = {}
-    for p in sorted(model_dir.rglob("*")):
-        if p.suffix not in CHECKPOINT_SUFFIXES or not p.is_file():
-            continue
-        try:
-            out[name_of(read_checkpoint_meta(p))] = p
-        except Exception:  # noqa: BLE001 - a foreign file in the folder is skipped, not fatal
-            log.warning("skipping %s: not a readable polbench checkpoint", p, exc_info=True)
-    return out
+    return _available(model_dir or settings.models_dir())
 
 
 def _safe_name(name: str) -> str:
@@ -123,12 +72,13 @@ def _safe_name(name: str) -> str:
 def save_upload(
     fileobj: BinaryIO, name: str, file_id: str, dest_dir: Path | None = None, *, chunk_bytes: int = 8 << 20
 ) -> Path:
-    """Copy an uploaded file to ``<data dir>/uploads/`` in chunks (never the whole file in memory).
+    """Copy an uploaded file to ``<data dir>/uploads/`` in chunks (never the whole file in memory), hashing the
+    bytes on the way (the ingest then needs no second read for the sha256).
 
     The file is written under a temporary name and renamed when complete; the final name is the sanitised
     upload name with a short hash of the upload id, so two uploads never overwrite each other.
     """
-    dest_dir = Path(dest_dir or paths.uploads_dir())
+    dest_dir = Path(dest_dir or settings.uploads_dir())
     dest_dir.mkdir(parents=True, exist_ok=True)
     safe = _safe_name(name)
     stem, dot, suffix = safe.rpartition(".")
@@ -137,14 +87,19 @@ def save_upload(
     if final.is_file():
         return final
     tmp = final.with_name(final.name + ".partial")
+    h = hashlib.sha256()
     try:
         if hasattr(fileobj, "seek"):
             fileobj.seek(0)
         with open(tmp, "wb") as out:
-            shutil.copyfileobj(fileobj, out, length=chunk_bytes)
+            while chunk := fileobj.read(chunk_bytes):
+                h.update(chunk)
+                out.write(chunk)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+    with _UPLOAD_LOCK:
+        _UPLOAD_SHA[str(final.resolve())] = h.hexdigest()
     return final
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "runs",
     "find_run",
     "bench",
+    "demo_summary",
+    "filtered_bench",
     "metrics",
     "run_metrics",
     "confusion",
@@ -81,17 +83,12 @@ def token() -> tuple:
 
 
 def ftuple(filters: Filters | None) -> tuple:
-    """Hashable form of a Filters object for cache keys."""
-    if filters is None:
-        return (None, None)
-    th = None if filters.thickness is None else tuple(float(v) for v in filters.thickness)
-    rg = None if filters.region is None else tuple(int(v) for v in filters.region)
-    return (th, rg)
+    """Hashable form of a Filters object for cache keys (:meth:`polcore.types.Filters.key`)."""
+    return (filters or Filters()).key()
 
 
 def _filters(ft: tuple) -> Filters:
-    th, rg = ft
-    return Filters(thickness=th, region=rg)
+    return Filters.from_key(ft)
 
 
 def _q():
@@ -133,10 +130,22 @@ def heldout(tok: tuple) -> pd.DataFrame:
     return _q().heldout_table(store())
 
 
+@st.cache_data(show_spinner=False, max_entries=4)
+def demo_summary(tok: tuple) -> dict | None:
+    """What the demo build stored about itself (elapsed seconds per step), or None."""
+    return store().cache_get("demo_summary")
+
+
 @st.cache_data(show_spinner=False, max_entries=_ENTRIES)
 def bench(tok: tuple) -> pd.DataFrame:
     """The study's benchmark, tidy (``queries.benchmark_table``)."""
     return _q().benchmark_table(store())
+
+
+@st.cache_data(show_spinner=False, max_entries=_ENTRIES)
+def filtered_bench(tok: tuple, ft: tuple, layer: str) -> pd.DataFrame:
+    """The benchmark's model rows under the filters, mean ± std over seeds (``queries.filtered_benchmark``)."""
+    return _q().filtered_benchmark(store(), _filters(ft), layer)
 
 
 @st.cache_data(show_spinner=False, max_entries=_ENTRIES)
@@ -195,103 +204,20 @@ def thickness_bounds(tok: tuple) -> tuple[float, float] | None:
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def periodic_analysis(tok: tuple, run_id: int, lattice_period_px: float | None, ft: tuple) -> dict:
-    """Periodicity of a run's error map and the error rate folded onto the unit cell.
+    """Periodicity of a run's error map and the error rate folded onto the unit cell, under the filters
+    (:func:`polcore.analysis.periodic_errors`, the entry point the CLI report uses too)."""
+    from polcore.analysis import periodic_errors
 
-    The thickness filter masks positions (NaN) before the analysis; the region filter crops the map.
-
-    Returns
-    -------
-    dict with ``result`` (summary dict + spectrum arrays, see ``polcore.analysis.periodicity``), ``cell``
-    (nby, nbx) error rate inside the cell (None without a lattice period) and ``cell_counts``.
-    """
-    from polcore.analysis import fold_to_cell, periodicity
-
-    g = grids(tok, run_id)
-    err = _masked(g, "error", ft)
-    if not np.isfinite(err).any():
-        return {"result": None, "cell": None, "cell_counts": None, "n_valid": 0}
-    res = periodicity(err, lattice_period_px=lattice_period_px)
-    out = {
-        "result": {
-            **res.summary(),
-            "peaks": list(res.peaks),
-            "spectrum": res.spectrum,
-            "freq_y": res.freq_y,
-            "freq_x": res.freq_x,
-        },
-        "cell": None,
-        "cell_counts": None,
-        "n_valid": int(np.isfinite(err).sum()),
-    }
-    if lattice_period_px:
-        cell, counts = fold_to_cell(err, float(lattice_period_px), return_counts=True)
-        out["cell"], out["cell_counts"] = cell, counts
-    return out
-
-
-def _masked(g: dict, key: str, ft: tuple) -> np.ndarray:
-    """Float copy of ``g[key]``: NaN outside the thickness filter, cropped to the region."""
-    v = np.array(g[key], dtype=float)
-    th, rg = ft
-    if th is not None:
-        t = g["thickness_nm"]
-        v[~((t >= th[0]) & (t <= th[1]))] = np.nan
-    if rg is not None:
-        y0, y1, x0, x1 = rg
-        v = v[y0 : y1 + 1, x0 : x1 + 1]
-    return v
+    return periodic_errors(grids(tok, run_id), _filters(ft), lattice_period_px)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def defect_analysis(tok: tuple, run_id: int, period_px: float | None, ft: tuple = (None, None)) -> dict:
-    """Irregularity map (stored, else computed), defect mask, ROC and candidate regions of one run.
+    """Irregularity map, defect mask, ROC and candidate regions of one run under the filters
+    (:func:`polcore.analysis.defect_evidence`, the entry point the CLI report uses too)."""
+    from polcore.analysis import defect_evidence
 
-    Positions outside the thickness / region filters get a NaN score, so the map, the ROC-AUC and the
-    candidates cover the filtered positions only.
-
-    Returns
-    -------
-    dict with ``score`` (ny, nx), ``mask`` (ny, nx) bool, ``has_mask``, ``auc``, ``fpr``, ``tpr``,
-    ``candidates`` (DataFrame), ``computed`` (True when the score was computed here, not read from the store),
-    ``n_scored`` (positions with a finite score).
-    """
-    from polcore.analysis import candidate_regions, defect_auc, irregularity, roc_curve_points
-
-    g = grids(tok, run_id)
-    score = np.array(g["irregularity"], dtype=float)
-    computed = False
-    valid_pred = g["pred"] >= 0
-    if not np.isfinite(score[valid_pred]).any():
-        probs = g["probs"] if np.isfinite(g["probs"]).all() else None
-        score = irregularity(g["pred"], probs, period_px=period_px)
-        computed = True
-    th, rg = ft
-    if th is not None:
-        t = g["thickness_nm"]
-        score[~((t >= th[0]) & (t <= th[1]))] = np.nan
-    if rg is not None:
-        keep = np.zeros(score.shape, bool)
-        keep[rg[0] : rg[1] + 1, rg[2] : rg[3] + 1] = True
-        score[~keep] = np.nan
-    mask = np.asarray(g["is_defect"], dtype=bool)
-    ok = np.isfinite(score)
-    has_mask = bool(mask.any())
-    auc, fpr, tpr = float("nan"), np.zeros(0), np.zeros(0)
-    if has_mask and mask[ok].any() and not mask[ok].all():
-        auc = float(defect_auc(score, mask))
-        fpr, tpr = roc_curve_points(score, mask)
-    cands = candidate_regions(score, top=10, smooth_px=1.0)
-    return {
-        "score": score,
-        "mask": mask,
-        "has_mask": has_mask,
-        "auc": auc,
-        "fpr": np.asarray(fpr),
-        "tpr": np.asarray(tpr),
-        "candidates": cands,
-        "computed": computed,
-        "n_scored": int(ok.sum()),
-    }
+    return defect_evidence(grids(tok, run_id), _filters(ft), period_px)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -309,6 +235,9 @@ def clear_caches() -> None:
         models,
         runs,
         bench,
+        demo_summary,
+        filtered_bench,
+        heldout,
         metrics,
         confusion,
         grids,

@@ -56,42 +56,18 @@ class Job:
         """Seconds since start (until finish when finished)."""
         return (self.finished or time.time()) - self.started
 
-    def progress(self, *args, **kwargs) -> None:
-        """Progress callback accepting the usual shapes.
-
-        ``progress(fraction)``, ``progress(done, total)``, ``progress(done, total, message)``,
-        ``progress(message)``, ``progress(fraction, message)`` or keywords ``done``/``total``/
-        ``fraction``/``message``. Anything else is ignored (progress must never break the work).
-        """
+    def progress(self, fraction: float, message: str = "") -> None:
+        """The ``polcore.progress`` callback: ``progress(fraction, message)``; a bad value never stops the work."""
         try:
-            frac, msg = _parse_progress(args, kwargs)
-        except Exception:  # noqa: BLE001 - a malformed progress report must not stop the job
-            log.debug("ignored progress report %r %r", args, kwargs)
+            frac = float(fraction)
+        except (TypeError, ValueError):
+            log.debug("ignored progress report %r %r", fraction, message)
             return
         with self._lock:
-            if frac is not None:
-                self.fraction = float(min(max(frac, 0.0), 1.0))
-            if msg:
-                self.message = str(msg)
-
-
-def _parse_progress(args: tuple, kwargs: dict) -> tuple[float | None, str | None]:
-    msg = kwargs.get("message") or kwargs.get("msg") or kwargs.get("desc")
-    frac = kwargs.get("fraction")
-    done, total = kwargs.get("done"), kwargs.get("total")
-    nums = [a for a in args if isinstance(a, int | float) and not isinstance(a, bool)]
-    strs = [a for a in args if isinstance(a, str)]
-    if strs and not msg:
-        msg = strs[0]
-    if done is None and len(nums) >= 2:
-        done, total = nums[0], nums[1]
-    elif frac is None and len(nums) == 1:
-        frac = nums[0]
-    if frac is None and done is not None and total:
-        frac = float(done) / float(total)
-    if frac is not None and frac > 1.0 and total is None:
-        frac = frac / 100.0  # a percentage
-    return frac, msg
+            if frac == frac:  # not NaN
+                self.fraction = min(max(frac, 0.0), 1.0)
+            if message:
+                self.message = str(message)
 
 
 class JobRegistry:

@@ -1,36 +1,34 @@
-"""Where the dashboard finds its database and data, and the guard for server-side paths.
+"""The guard for server-side paths, and the database token of the cached queries.
 
-The database is ``$POLBENCH_DB`` (default ``<data dir>/polbench.duckdb``); the data directory is
-``$POLBENCH_DATA`` (default ``data/`` in the repository). Relative values are taken from the current
-directory. Browser uploads are written to ``<data dir>/uploads/``.
+Where the files live is :mod:`polcore.settings` (one definition for the CLI, training and the dashboard);
+the functions here only forward to it.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from polcore import settings
 
 __all__ = ["ROOT", "data_dir", "db_path", "uploads_dir", "resolve_data_path", "db_token"]
 
 #: Repository root (the folder holding app.py).
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = settings.ROOT
 
 
 def data_dir() -> Path:
-    """The data directory (``$POLBENCH_DATA`` or ``data/``), resolved to an absolute path."""
-    env = os.environ.get("POLBENCH_DATA")
-    return Path(env).expanduser().resolve() if env else (ROOT / "data").resolve()
+    """The data directory (:func:`polcore.settings.data_dir`)."""
+    return settings.data_dir()
 
 
 def db_path() -> Path:
-    """The DuckDB file (``$POLBENCH_DB`` or ``<data dir>/polbench.duckdb``), absolute."""
-    env = os.environ.get("POLBENCH_DB")
-    return Path(env).expanduser().resolve() if env else data_dir() / "polbench.duckdb"
+    """The DuckDB file (:func:`polcore.settings.db_path`)."""
+    return settings.db_path()
 
 
 def uploads_dir() -> Path:
-    """Folder that receives browser uploads (created on demand)."""
-    return data_dir() / "uploads"
+    """Folder that receives browser uploads (:func:`polcore.settings.uploads_dir`)."""
+    return settings.uploads_dir()
 
 
 def resolve_data_path(text: str) -> Path:

@@ -29,6 +29,7 @@ from polcore.analysis.metrics import (
     per_class_recall,
 )
 from polcore.analysis.periodic import PeriodicityResult, com_relation, fold_to_cell, periodicity
+from polcore.analysis.questions import defect_evidence, periodic_errors
 
 __all__ = [
     "cell_blocks",
@@ -64,4 +65,7 @@ __all__ = [
     "precision_at_k",
     "roc_curve_points",
     "candidate_regions",
+    # one entry point per question (CLI report and pages)
+    "periodic_errors",
+    "defect_evidence",
 ]

@@ -131,21 +131,12 @@ def apply_filters(df: pd.DataFrame, filters: Filters | None = None) -> pd.DataFr
         ``thickness=(lo, hi)`` inclusive [nm] (rows with unknown thickness are dropped when it is set);
         ``region=(y0, y1, x0, x1)`` inclusive scan-pixel rectangle.
     """
-    if filters is None:
+    if filters is None or not filters.active:
         return df
-    keep = np.ones(len(df), dtype=bool)
-    if filters.thickness is not None:
-        if "thickness_nm" not in df.columns:
-            raise ValueError("a thickness filter needs a 'thickness_nm' column")
-        lo, hi = filters.thickness
-        th = df["thickness_nm"].to_numpy(dtype=float)
-        keep &= (th >= lo) & (th <= hi)
-    if filters.region is not None:
-        y0, y1, x0, x1 = filters.region
-        iy = df["iy"].to_numpy()
-        ix = df["ix"].to_numpy()
-        keep &= (iy >= min(y0, y1)) & (iy <= max(y0, y1)) & (ix >= min(x0, x1)) & (ix <= max(x0, x1))
-    return df.loc[keep]
+    if filters.thickness is not None and "thickness_nm" not in df.columns:
+        raise ValueError("a thickness filter needs a 'thickness_nm' column")
+    th = df["thickness_nm"].to_numpy(dtype=float) if filters.thickness is not None else None
+    return df.loc[filters.keep(df["iy"].to_numpy(), df["ix"].to_numpy(), th)]
 
 
 def metrics_table(df: pd.DataFrame, filters: Filters | None = None) -> dict:

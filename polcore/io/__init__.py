@@ -37,9 +37,11 @@ lets another exception type escape; read errors during iteration are wrapped the
 This package imports neither torch nor streamlit; RosettaSciIO is imported only when a vendor file is opened.
 """
 
+from polcore.io.arina import ArinaScan
 from polcore.io.base import SAMPLE_PATTERNS, ArrayScan, Scan
 from polcore.io.errors import ScanFormatError
-from polcore.io.hdf5 import ArinaScan, HDF5Scan, read_ground_truth
+from polcore.io.ground_truth import read_ground_truth
+from polcore.io.hdf5 import HDF5Scan
 from polcore.io.npy import NpyScan
 from polcore.io.open import SUPPORTED_FORMATS, open_scan, sha256_file, sniff_format
 from polcore.io.vendor import BlockfileScan, LazyScan, MibScan

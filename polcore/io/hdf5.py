@@ -1,4 +1,4 @@
-"""HDF5 readers: generic 4D datasets, py4DSTEM / EMD 1.0, Prismatic EMD, DECTRIS ARINA; ground truth.
+"""HDF5 readers: generic 4D datasets, py4DSTEM / EMD 1.0, Prismatic EMD; dispatch to DECTRIS ARINA.
 
 Layouts recognised (all read with h5py, lazily, block by block):
 
@@ -19,7 +19,7 @@ Layouts recognised (all read with h5py, lazily, block by block):
 * **DECTRIS ARINA (NeXus)**: ``<name>_master.h5`` with ``entry/data/data_NNNNNN`` external links to
   ``<name>_data_NNNNNN.h5`` (bitshuffle-LZ4: ``hdf5plugin`` is imported before opening) and an optional
   ``<name>.h5`` with ``STEM Metadata`` (``NumPixelsX/Y``, ``Pixel Size`` [nm], ``High Tension`` [V]). Opening
-  any of the three files opens the scan through the master file.
+  any of the three files opens the scan through the master file (:mod:`polcore.io.arina`).
 * **Generic**: exactly one 4D dataset anywhere in the tree (``ground_truth/`` excluded), or the one named by
   ``dataset=``. Optional attributes ``step_nm``, ``mrad_per_px``, ``voltage_kv``, ``convergence_mrad``,
   ``rotation_deg``, ``flip`` on the dataset or the root are read as calibration.
@@ -42,15 +42,15 @@ import numpy as np
 from polcore.io.base import Scan, check_dtype, flat_block_reader
 from polcore.io.calibration import as_kv, length_to_nm, reciprocal_to_mrad
 from polcore.io.errors import ScanFormatError
+from polcore.io.ground_truth import GROUP as _GROUND_TRUTH
 from polcore.types import ScanMeta
 
-__all__ = ["HDF5Scan", "ArinaScan", "open_hdf5", "read_ground_truth", "h5open", "list_arrays"]
+__all__ = ["HDF5Scan", "open_hdf5", "h5open", "list_arrays"]
 
 logger = logging.getLogger(__name__)
 
 _CACHE_MIN = 1 << 20
 _CACHE_MAX = 256 << 20
-_GROUND_TRUTH = "ground_truth"
 
 
 def _import_filters() -> bool:
@@ -476,144 +476,13 @@ def _flat_shape(shape3, nav_shape, path, dataset=None):
     return (ny, nx) + tuple(shape3[1:])
 
 
-# --- DECTRIS ARINA ----------------------------------------------------------------------------------------
-
-_ARINA_DATA = re.compile(r"data_\d{6}")
-
-
-def _arina_master_for(path: Path, f: h5py.File) -> Path | None:
-    """The ARINA master file behind ``path`` (itself, or the sibling of a data / metadata file), if any."""
-    g = f.get("entry/data")
-    if isinstance(g, h5py.Group) and any(_ARINA_DATA.fullmatch(k) for k in g.keys()):
-        return path
-    m = re.fullmatch(r"(.*)_data_\d{6}\.h5", path.name)
-    stem = m.group(1) if m else (path.stem if "STEM Metadata" in f else None)
-    if stem is not None:
-        master = path.with_name(f"{stem}_master.h5")
-        if master.is_file():
-            logger.info("%s is part of a DECTRIS ARINA acquisition: reading it through %s", path, master.name)
-            return master
-    return None
-
-
-class ArinaScan(Scan):
-    """DECTRIS ARINA 4D-STEM data: a NeXus master file linking bitshuffle-LZ4 compressed frame files.
-
-    Parameters
-    ----------
-    master : str or Path
-        ``<name>_master.h5``; the frames live in ``<name>_data_NNNNNN.h5`` (external links).
-    nav_shape : (int, int), optional
-        ``(ny, nx)``; default from ``<name>.h5`` (``STEM Metadata`` ``NumPixelsY/X``), else a square scan
-        when the number of frames is a perfect square (logged), else refused.
-    """
-
-    def __init__(self, master, *, nav_shape=None, name=None):
-        master = Path(master)
-        with h5open(master) as f:
-            g = f.get("entry/data")
-            if not isinstance(g, h5py.Group):
-                raise ScanFormatError(master, "not a DECTRIS master file: no entry/data group")
-            names = sorted(k for k in g.keys() if _ARINA_DATA.fullmatch(k))
-            if not names:
-                raise ScanFormatError(master, "DECTRIS master file without data_NNNNNN links in entry/data")
-            counts, sig, dtype = [], None, None
-            for k in names:
-                try:
-                    ds = g[k]
-                except (KeyError, OSError) as exc:
-                    link = g.get(k, getlink=True)
-                    target = getattr(link, "filename", k)
-                    raise ScanFormatError(
-                        master, f"data file {target!r} linked as entry/data/{k} is missing or unreadable"
-                    ) from exc
-                if ds.ndim != 3 or (sig is not None and tuple(ds.shape[1:]) != sig):
-                    raise ScanFormatError(
-                        master, f"entry/data/{k} has shape {ds.shape}, expected (n, ky, kx)"
-                    )
-                sig, dtype = tuple(ds.shape[1:]), ds.dtype
-                counts.append(int(ds.shape[0]))
-            det = f.get("entry/instrument/detector")
-            det_values = _group_values(det) if isinstance(det, h5py.Group) else {}
-        n = sum(counts)
-        side = master.with_name(master.name.replace("_master.h5", ".h5"))
-        stem_md: dict = {}
-        if side != master and side.is_file():
-            try:
-                with h5open(side) as fs:
-                    if "STEM Metadata" in fs:
-                        stem_md = {k: _num(v) for k, v in fs["STEM Metadata"].attrs.items()}
-            except ScanFormatError as exc:
-                logger.warning("ARINA metadata file unreadable, ignored: %s", exc)
-        nav_source = "nav_shape argument"
-        if nav_shape is None and stem_md.get("NumPixelsX") and stem_md.get("NumPixelsY"):
-            nav_shape = (int(stem_md["NumPixelsY"]), int(stem_md["NumPixelsX"]))
-            nav_source = f"{side.name} STEM Metadata NumPixelsY/NumPixelsX"
-        elif nav_shape is None:
-            r = math.isqrt(n)
-            if r * r != n:
-                raise ScanFormatError(
-                    master, f"{n} frames and no scan size in the metadata: pass nav_shape=(ny, nx)"
-                )
-            nav_shape = (r, r)
-            nav_source = f"assumed square ({n} frames, no scan size in the metadata)"
-            logger.warning("%s: no scan size in the metadata; assuming a square %d x %d scan", master, r, r)
-        shape = _flat_shape((n,) + sig, nav_shape, master)
-        voltage = as_kv(stem_md.get("High Tension")) or as_kv(det_values.get("photon_energy"))
-        extra = {
-            "format": "DECTRIS ARINA (NeXus)",
-            "nav_shape_source": nav_source,
-            "data_files": names,
-            "count_time_s": det_values.get("count_time"),
-        }
-        px = _num(det_values.get("x_pixel_size"))
-        cl = stem_md.get("Camera Length")
-        if px and cl:
-            extra["nominal_mrad_per_px"] = px / cl * 1e3
-            extra["nominal_note"] = "detector pixel size / nominal camera length; not a calibration"
-        meta = ScanMeta(
-            step_nm=length_to_nm(stem_md.get("Pixel Size"), "nm"),
-            voltage_kv=voltage,
-            rotation_deg=None,
-            source="ARINA master + STEM Metadata" if stem_md else "ARINA master",
-            extra=extra,
-        )
-        super().__init__(
-            path=master,
-            name=name or master.name.replace("_master.h5", ""),
-            shape=shape,
-            dtype=dtype,
-            meta=meta,
-            dataset="entry/data",
-        )
-        self._names = names
-        self._offsets = np.concatenate([[0], np.cumsum(counts)])
-
-    @contextmanager
-    def _reading(self):
-        f = h5open(self.path, rdcc_nbytes=_CACHE_MIN * 8)
-        try:
-            dsets = [f["entry/data"][k] for k in self._names]
-            offsets = self._offsets
-
-            def frames(a, b):
-                parts = []
-                for i, ds in enumerate(dsets):
-                    lo, hi = max(a, offsets[i]), min(b, offsets[i + 1])
-                    if lo < hi:
-                        parts.append(ds[lo - offsets[i] : hi - offsets[i]])
-                return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-            yield flat_block_reader(frames, self.nav_shape[1], self.sig_shape)
-        finally:
-            f.close()
-
-
 # --- entry points -----------------------------------------------------------------------------------------
 
 
 def open_hdf5(path, dataset: str | None = None, nav_shape=None) -> Scan:
     """Open an HDF5 file (any layout above) as a :class:`Scan`; see :func:`polcore.io.open_scan`."""
+    from polcore.io.arina import ArinaScan, _arina_master_for
+
     path = Path(path)
     with h5open(path) as f:
         master = _arina_master_for(path, f) if dataset is None else None
@@ -623,47 +492,3 @@ def open_hdf5(path, dataset: str | None = None, nav_shape=None) -> Scan:
     if master is not None:
         return ArinaScan(master, nav_shape=nav_shape)
     return HDF5Scan(path, chosen, nav_shape=nav_shape, meta=meta)
-
-
-def read_ground_truth(path) -> dict | None:
-    """Ground-truth maps written by the scan composer, or None when the file has none.
-
-    Parameters
-    ----------
-    path : str or Path
-        A scan file; only HDF5 files can carry a ``ground_truth/`` group (other formats return None).
-
-    Returns
-    -------
-    dict or None
-        ``label`` (ny, nx) int8 class index (-1 = non-polar), ``thickness_nm`` (ny, nx) float32 [nm],
-        ``defect`` (ny, nx) bool, plus ``region`` (ny, nx) as stored when present.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ScanFormatError(path, "file not found")
-    if not h5py.is_hdf5(path):
-        return None
-    with h5open(path) as f:
-        key = _GROUND_TRUTH if _GROUND_TRUTH in f else None
-        if key is None:
-            hits = []
-            f.visit(lambda n: hits.append(n) if n.rsplit("/", 1)[-1] == _GROUND_TRUTH else None)
-            key = hits[0] if hits else None
-        if key is None or not isinstance(f[key], h5py.Group):
-            return None
-        g = f[key]
-        missing = [k for k in ("label", "thickness_nm", "defect") if k not in g]
-        if missing:
-            raise ScanFormatError(path, f"ground_truth group lacks {missing}", dataset=key)
-        out = {
-            "label": g["label"][()].astype(np.int8),
-            "thickness_nm": g["thickness_nm"][()].astype(np.float32),
-            "defect": g["defect"][()].astype(bool),
-        }
-        if "region" in g:
-            out["region"] = g["region"][()]
-    shapes = {k: v.shape for k, v in out.items()}
-    if len(set(shapes.values())) != 1 or len(out["label"].shape) != 2:
-        raise ScanFormatError(path, f"ground-truth maps must share one 2D shape, got {shapes}", dataset=key)
-    return out

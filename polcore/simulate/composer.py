@@ -324,6 +324,8 @@ def write_emd(path, truth: dict, blocks, cfg: ScanComposerConfig) -> Path:
     """Write a composed scan as EMD 1.0 (py4DSTEM DataCube) plus /ground_truth; atomic (temp + rename)."""
     import h5py
 
+    from polcore.io.ground_truth import write_ground_truth
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
@@ -355,12 +357,9 @@ def write_emd(path, truth: dict, blocks, cfg: ScanComposerConfig) -> Path:
         ))
         for r0, block in blocks:
             data[r0 : r0 + block.shape[0]] = block
-        gt = f.create_group("ground_truth")
-        for key, dt in (("label", np.int8), ("thickness_nm", np.float32), ("defect", bool), ("region", np.int16),
-                        ("variant", np.int8)):
-            gt.create_dataset(key, data=np.asarray(truth[key], dtype=dt), compression="gzip")
-        gt.attrs.update(cell_px=truth["cell_px"], step_nm=truth["step_nm"], library_sha256=truth["library_sha256"],
-                        composer=truth["composer"], class_convention="k <-> 45 deg * k counter-clockwise from +x")
+        write_ground_truth(f, truth, dict(
+            cell_px=truth["cell_px"], step_nm=truth["step_nm"], library_sha256=truth["library_sha256"],
+            composer=truth["composer"], class_convention="k <-> 45 deg * k counter-clockwise from +x"))
     tmp.replace(path)
     return path
 
@@ -400,14 +399,19 @@ DEFAULT_SCANS: dict[str, tuple[str, str, ScanComposerConfig]] = {
 }
 
 
-def build_default_scans(out_dir, lib: PatternLibrary | None = None, *, names=None, progress=None) -> dict:
-    """Compose the default data sets into ``out_dir`` (skips files that exist). Returns name -> path."""
+def build_default_scans(out_dir, lib: PatternLibrary | None = None, *, names=None, progress=None,
+                        table: dict | None = None) -> dict:
+    """Compose the default data sets into ``out_dir`` (skips files that exist). Returns name -> path.
+
+    ``table`` replaces :data:`DEFAULT_SCANS` (name -> (kind, benchmark row, ScanComposerConfig));
+    ``progress(fraction, message)`` is optional."""
+    table = DEFAULT_SCANS if table is None else table
     out_dir = Path(out_dir)
     lib = lib if lib is not None else load_library()
     paths = {}
-    todo = list(names or DEFAULT_SCANS)
+    todo = list(names or table)
     for i, name in enumerate(todo):
-        kind, row, cfg = DEFAULT_SCANS[name]
+        kind, row, cfg = table[name]
         p = out_dir / f"{name}.h5"
         if not p.exists():
             t0 = time.perf_counter()
@@ -416,5 +420,5 @@ def build_default_scans(out_dir, lib: PatternLibrary | None = None, *, names=Non
             log.info("composed %s in %.1f s", p, time.perf_counter() - t0)
         paths[name] = p
         if progress is not None:
-            progress(i + 1, len(todo), f"scan {name}")
+            progress((i + 1) / len(todo), f"scan {name}")
     return paths

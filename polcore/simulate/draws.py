@@ -44,15 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
-from polcore.simulate.library import (
+from polcore.simulate.build import (
     SimulationConfig,
     _compression,
     _quantize,
     _structure_for,
-    mrad_per_px,
-    rotate_entry,
     simulate_cell_scan,
 )
+from polcore.simulate.library import mrad_per_px, rotate_entry
 from polcore.simulate.structure import LATTICE_A, rotate_vector_ccw, variant_class
 
 __all__ = [
@@ -73,8 +72,9 @@ log = logging.getLogger(__name__)
 def default_draws_dir(profile: str = "train") -> Path:
     """Where draw libraries are cached: ``$POLBENCH_CACHE/draws/<profile>`` (default ``~/.cache/polbench``),
     outside the work tree so that a build survives a fresh checkout; read at call time."""
-    root = os.environ.get("POLBENCH_CACHE") or Path.home() / ".cache" / "polbench"
-    return Path(root) / "draws" / profile
+    from polcore.settings import cache_dir
+
+    return cache_dir() / "draws" / profile
 
 FORMAT = "polbench-draw/1"
 #: RU in plane and RM with +z: the two projections that differ; quarter turns give all 8 classes.

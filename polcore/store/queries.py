@@ -35,6 +35,8 @@ __all__ = [
     "list_models",
     "list_runs",
     "benchmark_table",
+    "seed_summary",
+    "filtered_benchmark",
     "pivot_benchmark",
     "confusion_counts",
     "confusion_matrix",
@@ -48,6 +50,12 @@ __all__ = [
     "metrics_by_run",
     "heldout_table",
     "CELL_SUFFIX",
+    "scan_info",
+    "scan_by_sha256",
+    "scored_runs",
+    "labelled_predictions",
+    "truth_at",
+    "mean_accuracy_by_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,18 +100,12 @@ def _filter_sql(filters: Filters | None) -> tuple[list[str], list[Any]]:
         raise TypeError(f"filters must be polcore.types.Filters or None, got {type(filters).__name__}")
     conds: list[str] = []
     params: list[Any] = []
-    if filters.thickness is not None:
-        if len(filters.thickness) != 2:
-            raise ValueError(f"Filters.thickness must be (lo, hi) [nm], got {filters.thickness!r}")
-        lo, hi = (float(v) for v in filters.thickness)
+    if filters.thickness is not None:  # Filters normalised the bounds (lo <= hi, y0 <= y1, x0 <= x1)
         conds.append("thickness_nm >= ? AND thickness_nm <= ?")
-        params += [lo, hi]
+        params += list(filters.thickness)
     if filters.region is not None:
-        if len(filters.region) != 4:
-            raise ValueError(f"Filters.region must be (y0, y1, x0, x1) scan pixels, got {filters.region!r}")
-        y0, y1, x0, x1 = (int(v) for v in filters.region)
         conds.append("iy BETWEEN ? AND ? AND ix BETWEEN ? AND ?")
-        params += [min(y0, y1), max(y0, y1), min(x0, x1), max(x0, x1)]
+        params += list(filters.region)
     return conds, params
 
 
@@ -143,7 +145,7 @@ def _predictions_frame(con: StoreConnection, where: str, params: list, with_prob
 
 
 def list_scans(
-    store: PredictionStore, *, kind: str | None = None, dataset: str | None = None
+    store: PredictionStore, *, kind: str | None = None, dataset: str | None = None, status: str | None = "ready"
 ) -> pd.DataFrame:
     """Scans with their number of finished runs.
 
@@ -152,6 +154,7 @@ def list_scans(
     store : PredictionStore
     kind : {'synthetic', 'pseudo_experimental', 'experimental'}, optional
     dataset : str, optional
+    status : 'ready' (default: scans whose ingest finished), 'ingesting', 'failed', or None for all.
 
     Returns
     -------
@@ -159,6 +162,9 @@ def list_scans(
         Columns of the ``scans`` table plus ``n_runs``, ordered by scan_id.
     """
     conds, params = [], []
+    if status is not None:
+        conds.append("s.status = ?")
+        params.append(str(status))
     if kind is not None:
         if kind not in SCAN_KINDS:
             raise ValueError(f"kind must be one of {SCAN_KINDS}, got {kind!r}")
@@ -390,11 +396,36 @@ def benchmark_table(store: PredictionStore) -> pd.DataFrame:
         base = {ds: ds.removesuffix(CELL_SUFFIX) for ds in datasets}
         base_counts = _dataset_label_counts(con, sorted(set(base.values())))
         label_counts = {ds: base_counts[b] for ds, b in base.items() if b in base_counts}
+    rows = seed_summary(bench)
+    for ds in datasets:
+        counts = label_counts.get(ds)
+        if counts is not None and counts.sum() > 0:
+            rows.append(_majority_row(ds, counts))
+    df = pd.DataFrame(rows, columns=_BENCH_COLUMNS)
+    if len(df):
+        order = {d: i for i, d in enumerate(datasets)}
+        df = df.sort_values("dataset", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    return df
+
+
+def _mean_col(df: pd.DataFrame, col: str) -> float:
+    return _nanmean(df[col].to_numpy(float)) if col in df else float("nan")
+
+
+def seed_summary(scores: pd.DataFrame) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (dataset, family, head, variant) of per-run scores.
+
+    ``scores`` has dataset, family, head, variant, accuracy, macro_f1 and optionally per_class_recall, n,
+    train_seconds, patterns_per_s (one row per model and data set). Returns the rows of
+    :func:`benchmark_table` (without the majority rows), in first-seen order.
+    """
     rows = []
-    for (ds, fam, head, var), sub in bench.groupby(["dataset", "family", "head", "variant"], sort=False):
-        pcr = np.stack([_recall_vector(r) for r in sub["per_class_recall"]])
+    for (ds, fam, head, var), sub in scores.groupby(["dataset", "family", "head", "variant"], sort=False):
         acc = sub["accuracy"].to_numpy(float)
         f1 = sub["macro_f1"].to_numpy(float)
+        pcr = (np.stack([_recall_vector(r) for r in sub["per_class_recall"]]) if "per_class_recall" in sub
+               else np.full((len(sub), N_CLASSES), np.nan))
+
         rows.append(
             {
                 "dataset": ds,
@@ -408,21 +439,24 @@ def benchmark_table(store: PredictionStore) -> pd.DataFrame:
                 "macro_f1_mean": _nanmean(f1),
                 "macro_f1_std": _std(f1),
                 "per_class_recall": _nanmean(pcr, axis=0).astype(np.float32),
-                "n_patterns": int(sub["n"].max()),
-                "train_seconds": _nanmean(sub["train_seconds"].to_numpy(float)),
-                "patterns_per_s": _nanmean(sub["patterns_per_s"].to_numpy(float)),
+                "n_patterns": int(sub["n"].max()) if "n" in sub else 0,
+                "train_seconds": _mean_col(sub, "train_seconds"),
+                "patterns_per_s": _mean_col(sub, "patterns_per_s"),
                 "majority_class": -1,
             }
         )
-    for ds in datasets:
-        counts = label_counts.get(ds)
-        if counts is not None and counts.sum() > 0:
-            rows.append(_majority_row(ds, counts))
-    df = pd.DataFrame(rows, columns=_BENCH_COLUMNS)
-    if len(df):
-        order = {d: i for i, d in enumerate(datasets)}
-        df = df.sort_values("dataset", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-    return df
+    return rows
+
+
+def filtered_benchmark(store: PredictionStore, filters: Filters | None, layer: str = "pattern") -> pd.DataFrame:
+    """:func:`benchmark_table`'s model rows recomputed from the stored predictions under ``filters`` (region
+    and thickness), for the runs of one ``layer``; mean ± std over seeds as in the stored table."""
+    met = metrics_by_run(store, filters)
+    met = met[(met["n_labelled"] > 0) & (met["layer"] == layer)]
+    if met.empty:
+        return pd.DataFrame(columns=_BENCH_COLUMNS)
+    met = met.assign(variant=met["variant"].fillna(""), n=met["n_labelled"])
+    return pd.DataFrame(seed_summary(met), columns=_BENCH_COLUMNS)
 
 
 def pivot_benchmark(
@@ -817,3 +851,72 @@ def heldout_table(store: PredictionStore, *, role: str | None = None, dose: floa
             f"{_where(conds)} ORDER BY kind DESC, name, thickness_nm",
             params,
         )
+
+
+# ------------------------------------------------------------------------------ reads for the orchestration
+
+
+def scan_info(store: PredictionStore, scan_id: int) -> dict | None:
+    """One scan row as a dict (None for an unknown id); NULLs become None."""
+    df = store.fetch_df("SELECT * FROM scans WHERE scan_id = ?", [int(scan_id)])
+    if df.empty:
+        return None
+    return {k: (None if _isnull(v) else v) for k, v in df.iloc[0].to_dict().items()}
+
+
+def _isnull(v: Any) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def scan_by_sha256(store: PredictionStore, sha256: str) -> dict | None:
+    """The scan stored with this content hash, as :func:`scan_info` returns it, or None."""
+    df = store.fetch_df("SELECT scan_id FROM scans WHERE sha256 = ?", [str(sha256).lower()])
+    return None if df.empty else scan_info(store, int(df["scan_id"].iloc[0]))
+
+
+def scored_runs(store: PredictionStore) -> pd.DataFrame:
+    """Finished runs on scans with ground truth, one row each, for the benchmark: run_id, model_id,
+    model_name, family, head, variant, seed and dataset (a cell-layer run's dataset carries
+    :data:`CELL_SUFFIX`)."""
+    return store.fetch_df(
+        """SELECT r.run_id, m.model_id, m.name AS model_name, m.family, m.head, m.variant, m.seed,
+                  CASE WHEN r.layer = 'cell' THEN s.dataset || ? ELSE s.dataset END AS dataset
+           FROM runs r JOIN models m USING (model_id) JOIN scans s USING (scan_id)
+           WHERE r.status = 'finished' AND s.has_ground_truth AND s.status = 'ready'
+           ORDER BY s.dataset, m.name""",
+        [CELL_SUFFIX],
+    )
+
+
+def labelled_predictions(store: PredictionStore, run_ids: Iterable[int]) -> pd.DataFrame:
+    """pred and true_label of the labelled positions of these runs."""
+    ids = _ids(run_ids) or []
+    if not ids:
+        return pd.DataFrame({"pred": pd.Series([], dtype=int), "true_label": pd.Series([], dtype=int)})
+    return store.fetch_df(
+        f"SELECT pred, true_label FROM predictions WHERE run_id IN ({_ph(len(ids))}) AND true_label >= 0", ids
+    )
+
+
+def truth_at(store: PredictionStore, scan_id: int) -> pd.DataFrame:
+    """Ground truth of every position of a scan (from its first finished per-pattern run): scan_id, iy, ix,
+    true_label, thickness_nm."""
+    return store.fetch_df(
+        """SELECT ?::INTEGER AS scan_id, iy, ix, true_label, thickness_nm FROM predictions
+           WHERE run_id = (SELECT min(run_id) FROM runs WHERE scan_id = ? AND status = 'finished'
+                           AND layer = 'pattern')""",
+        [int(scan_id), int(scan_id)],
+    )
+
+
+def mean_accuracy_by_model(store: PredictionStore, kind: str = "pseudo_experimental") -> dict[str, float]:
+    """model name -> mean benchmark accuracy over the data sets of scans of this kind."""
+    df = store.fetch_df(
+        """SELECT b.model_name, avg(b.accuracy) AS acc FROM bench b
+           WHERE b.dataset IN (SELECT dataset FROM scans WHERE kind = ?) GROUP BY b.model_name""",
+        [kind],
+    )
+    return dict(zip(df["model_name"], df["acc"].astype(float)))

@@ -30,22 +30,25 @@ it was (DuckDB writes nothing to its WAL before commit; blocks written optimisti
 Every SQL statement goes through :class:`StoreConnection`, which binds values as ``?`` parameters and
 re-raises DuckDB errors as :class:`StoreError` carrying the SQL. This module imports neither torch nor
 streamlit.
+
+The pieces live in sibling modules: :mod:`polcore.store.locking` (the in-process readers-writer lock and
+lock-conflict detection), :mod:`polcore.store.connection` (:class:`StoreConnection`, the errors, JSON
+helpers) and :mod:`polcore.store.frames` (validation of the writers' frames and their conversion to Arrow).
+This module holds :class:`PredictionStore` and re-exports the public names of the others.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import re
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +57,29 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from polcore.store.connection import (
+    StoreBusyError,
+    StoreConnection,
+    StoreError,
+    StoreNotFoundError,
+    _now,
+    _to_json,
+)
+from polcore.store.frames import (
+    _SMALLINT_MAX,
+    PREDICTION_COLUMNS,
+    _check_frame,
+    _check_layer,
+    _finite,
+    _int_column,
+    _labels_column,
+    _prediction_columns,
+    _predictions_arrow,
+)
+from polcore.store.locking import _is_lock_conflict, _process_lock
 from polcore.store.schema import (
     DDL,
     EMBEDDING_SPACES,
-    LAYERS,
     SCAN_KINDS,
     SCAN_STATUSES,
     SCHEMA_VERSION,
@@ -76,189 +98,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Columns accepted by :meth:`PredictionStore.write_run` (``iy``, ``ix`` and ``pred`` are required unless
-#: the input is a dict of (ny, nx) maps, which implies the positions).
-PREDICTION_COLUMNS: tuple[str, ...] = (
-    "iy",
-    "ix",
-    "pred",
-    "confidence",
-    "probs",
-    "true_label",
-    "thickness_nm",
-    "region",
-    "is_defect",
-    "irregularity",
-)
-
-_LOCK_PATTERNS = ("could not set lock", "conflicting lock", "different configuration")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_SMALLINT_MAX = 32767
-
-
-class StoreError(RuntimeError):
-    """A store operation failed; ``sql`` holds the statement when DuckDB raised it."""
-
-    def __init__(self, message: str, *, sql: str | None = None):
-        super().__init__(message)
-        self.sql = sql
-
-
-class StoreBusyError(StoreError):
-    """The database file stayed locked by another process (or thread) for longer than ``lock_timeout``."""
-
-
-class StoreNotFoundError(StoreError, FileNotFoundError):
-    """The database file does not exist (read-only access never creates it)."""
-
-
-def _now() -> datetime:
-    """Current UTC time as a naive datetime (stored in TIMESTAMP columns)."""
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _json_default(obj: Any) -> Any:
-    """Make numpy values, paths and dataclasses JSON-serialisable."""
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
-def _to_json(value: Any) -> str | None:
-    if value is None:
-        return None
-    return json.dumps(value, default=_json_default, sort_keys=True, allow_nan=True)
-
-
-# --------------------------------------------------------------------------------------------------------
-# in-process readers-writer lock (DuckDB refuses mixed read-only / read-write connections in one process)
-
-
-class _RWLock:
-    """Writer-preferring readers-writer lock with timeouts."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    def acquire(self, write: bool, timeout: float) -> bool:
-        with self._cond:
-            if write:
-                self._writers_waiting += 1
-                try:
-                    ok = self._cond.wait_for(lambda: not self._writer and self._readers == 0, timeout)
-                finally:
-                    self._writers_waiting -= 1
-                if ok:
-                    self._writer = True
-                else:
-                    self._cond.notify_all()
-                return ok
-            ok = self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0, timeout)
-            if ok:
-                self._readers += 1
-            return ok
-
-    def release(self, write: bool) -> None:
-        with self._cond:
-            if write:
-                self._writer = False
-            else:
-                self._readers -= 1
-            self._cond.notify_all()
-
-
-_LOCKS: dict[str, _RWLock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def _process_lock(path: Path) -> _RWLock:
-    key = str(path)
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(key)
-        if lock is None:
-            lock = _LOCKS[key] = _RWLock()
-        return lock
-
-
-def _is_lock_conflict(err: Exception) -> bool:
-    msg = str(err).lower()
-    return any(p in msg for p in _LOCK_PATTERNS)
-
-
-# --------------------------------------------------------------------------------------------------------
-
-
-class StoreConnection:
-    """A short-lived DuckDB connection; every statement's error is re-raised as :class:`StoreError`.
-
-    Obtained from :meth:`PredictionStore.connect` or :meth:`PredictionStore.transaction`; do not keep it
-    beyond the ``with`` block. ``raw`` is the underlying ``duckdb.DuckDBPyConnection``.
-    """
-
-    def __init__(self, raw: duckdb.DuckDBPyConnection, path: Path, read_only: bool):
-        self.raw = raw
-        self.path = path
-        self.read_only = read_only
-
-    def _fail(self, err: Exception, sql: str) -> StoreError:
-        return StoreError(f"{type(err).__name__}: {err}\n  in SQL: {' '.join(sql.split())}", sql=sql)
-
-    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
-        """Execute one statement with ``?`` parameters and run it to completion (results are discarded)."""
-        try:
-            self.raw.execute(sql, params)
-            self.raw.complete()
-        except duckdb.Error as err:
-            raise self._fail(err, sql) from err
-
-    def fetchall(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple]:
-        """All rows of a query as tuples."""
-        try:
-            return self.raw.execute(sql, params).fetchall()
-        except duckdb.Error as err:
-            raise self._fail(err, sql) from err
-
-    def fetchone(self, sql: str, params: Sequence[Any] | None = None) -> tuple | None:
-        """First row of a (small) query, or None; the result is read to its end."""
-        rows = self.fetchall(sql, params)
-        return rows[0] if rows else None
-
-    def scalar(self, sql: str, params: Sequence[Any] | None = None) -> Any:
-        """First column of the first row (None when there is no row)."""
-        row = self.fetchone(sql, params)
-        return None if row is None else row[0]
-
-    def df(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-        """Query result as a pandas DataFrame."""
-        try:
-            return self.raw.execute(sql, params).df()
-        except duckdb.Error as err:
-            raise self._fail(err, sql) from err
-
-    def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        """Query result as a pyarrow Table (no per-row Python objects: fastest for large results)."""
-        try:
-            return self.raw.sql(sql, params=params).to_arrow_table()
-        except duckdb.Error as err:
-            raise self._fail(err, sql) from err
-
-    def register(self, name: str, table: pa.Table | pd.DataFrame) -> None:
-        """Expose an Arrow table / DataFrame as a view named ``name`` for ``INSERT ... SELECT``."""
-        self.raw.register(name, table)
-
-    def unregister(self, name: str) -> None:
-        self.raw.unregister(name)
 
 
 class PredictionStore:
@@ -500,6 +340,8 @@ class PredictionStore:
         meta : mapping, optional
             Anything else (calibration, composer config); stored as JSON.
         status : {'ready', 'ingesting', 'failed'}
+            Status of a newly inserted scan (an ingest inserts 'ingesting' and sets 'ready' or 'failed'
+            with :meth:`set_scan_status` when done). A scan already stored keeps its status.
 
         Returns
         -------
@@ -560,6 +402,36 @@ class PredictionStore:
             )
         log.info("stored scan %r as scan_id %d", name, scan_id)
         return scan_id
+
+    def set_scan_status(self, scan_id: int, status: str) -> None:
+        """Set the ``status`` of a stored scan (one transaction).
+
+        Parameters
+        ----------
+        scan_id : int
+            Existing scan.
+        status : {'ready', 'ingesting', 'failed'}
+
+        Raises
+        ------
+        ValueError
+            For a status not in :data:`~polcore.store.schema.SCAN_STATUSES` or an unknown ``scan_id``.
+        """
+        self._require_writable()
+        if status not in SCAN_STATUSES:
+            raise ValueError(f"status must be one of {SCAN_STATUSES}, got {status!r}")
+        scan_id = int(scan_id)
+        with self.transaction() as con:
+            if con.scalar("SELECT count(*) FROM scans WHERE scan_id = ?", [scan_id]) == 0:
+                raise ValueError(f"unknown scan_id {scan_id}")
+            con.execute("UPDATE scans SET status = ? WHERE scan_id = ?", [status, scan_id])
+        log.info("scan %d status set to %r", scan_id, status)
+
+    def scan_status(self, scan_id: int) -> str | None:
+        """Status of the scan ``scan_id`` ('ready', 'ingesting' or 'failed'); None when it is not stored."""
+        with self.connect(read_only=True) as con:
+            status = con.scalar("SELECT status FROM scans WHERE scan_id = ?", [int(scan_id)])
+        return None if status is None else str(status)
 
     def add_model(
         self,
@@ -636,6 +508,46 @@ class PredictionStore:
             )
         log.info("stored model %r as model_id %d", name, model_id)
         return model_id
+
+    def delete_models(self, model_ids: Iterable[int], *, only_unused: bool = True) -> int:
+        """Remove models by id in one transaction (e.g. to roll back the models of a failed ingest).
+
+        Parameters
+        ----------
+        model_ids : iterable of int
+            Models to remove; ids that are not stored are ignored.
+        only_unused : bool
+            True: remove only the models that no run, embedding or domain-gap row refers to (the others
+            are kept, with their rows). False: remove the models together with their runs, predictions,
+            embeddings and domain-gap rows (``bench`` and ``heldout`` rows, keyed by name, are kept).
+
+        Returns
+        -------
+        int
+            Number of ``models`` rows deleted.
+        """
+        self._require_writable()
+        ids = sorted({int(m) for m in model_ids})
+        if not ids:
+            return 0
+        marks = ", ".join(["?"] * len(ids))
+        with self.transaction() as con:
+            if only_unused:
+                n = con.scalar(
+                    f"DELETE FROM models WHERE model_id IN ({marks}) "
+                    "AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.model_id = models.model_id) "
+                    "AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.model_id = models.model_id) "
+                    "AND NOT EXISTS (SELECT 1 FROM domain_gap d WHERE d.model_id = models.model_id)",
+                    ids,
+                )
+            else:
+                self._delete_runs(con, f"model_id IN ({marks})", ids)
+                con.execute(f"DELETE FROM embeddings WHERE model_id IN ({marks})", ids)
+                con.execute(f"DELETE FROM domain_gap WHERE model_id IN ({marks})", ids)
+                n = con.scalar(f"DELETE FROM models WHERE model_id IN ({marks})", ids)
+        n = int(n or 0)
+        log.info("deleted %d of %d models (only_unused=%s)", n, len(ids), only_unused)
+        return n
 
     # --------------------------------------------------------------------------------------------- runs
 
@@ -782,6 +694,15 @@ class PredictionStore:
         n_runs = con.scalar(f"DELETE FROM runs WHERE {where}", params) or 0
         log.info("deleted %d runs (%d predictions)", n_runs, n_pred)
         return int(n_runs)
+
+    def delete_runs(self, run_ids: Iterable[int]) -> int:
+        """Remove runs and their predictions (one transaction); unknown ids are ignored. Returns runs deleted."""
+        self._require_writable()
+        ids = [int(i) for i in run_ids]
+        if not ids:
+            return 0
+        with self.transaction() as con:
+            return self._delete_runs(con, f"run_id IN ({', '.join('?' * len(ids))})", ids)
 
     def delete_scan(self, scan_id: int) -> dict[str, int]:
         """Remove a scan with its runs, predictions, embeddings and domain-gap rows (one transaction).
@@ -1090,166 +1011,3 @@ class PredictionStore:
         text = _to_json(value)
         with self.transaction() as con:
             con.execute("INSERT OR REPLACE INTO analysis_cache VALUES (?, ?, ?)", [str(key), text, _now()])
-
-
-# ------------------------------------------------------------------------------------ input validation
-
-
-def _check_layer(layer: str) -> None:
-    if layer not in LAYERS:
-        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
-
-
-def _check_frame(df: Any, required: set[str], allowed: set[str], what: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{what} must be a pandas DataFrame, got {type(df).__name__}")
-    missing = required - set(df.columns)
-    if missing:
-        raise ValueError(f"{what} DataFrame lacks columns {sorted(missing)}; required: {sorted(required)}")
-    extra = set(df.columns) - allowed
-    if extra:
-        raise ValueError(f"{what} DataFrame has unknown columns {sorted(extra)}; valid: {sorted(allowed)}")
-
-
-def _finite(values: Any, name: str, dtype: Any) -> np.ndarray:
-    arr = np.asarray(values, dtype=dtype)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite")
-    return arr
-
-
-def _int_column(values: Any, name: str, lo: int, hi: int, dtype: Any) -> np.ndarray:
-    arr = np.asarray(values)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if (
-            not np.issubdtype(arr.dtype, np.floating)
-            or not np.all(np.isfinite(arr))
-            or np.any(arr != np.round(arr))
-        ):
-            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < lo or arr.max() > hi):
-        raise ValueError(f"{name} must lie in {lo}..{hi}, got {arr.min()}..{arr.max()}")
-    return arr.astype(dtype)
-
-
-def _labels_column(values: Any) -> np.ndarray:
-    """True labels as int8 with -1 for 'no label' (negative values, NaN or None)."""
-    arr = np.asarray(values)
-    if arr.dtype == object:
-        arr = pd.to_numeric(pd.Series(arr), errors="raise").to_numpy(dtype=float)
-    if np.issubdtype(arr.dtype, np.floating):
-        arr = np.where(np.isnan(arr), -1, arr)
-    arr = np.where(arr < 0, -1, arr)
-    return _int_column(arr, "true_label", -1, N_CLASSES - 1, np.int8)
-
-
-def _prediction_columns(predictions: Any) -> dict[str, np.ndarray | None]:
-    """Validate predictions and return flat numpy columns sorted by (iy, ix)."""
-    if isinstance(predictions, pd.DataFrame):
-        raw: dict[str, Any] = {c: predictions[c].to_numpy() for c in predictions.columns}
-        if "probs" in raw and raw["probs"].dtype == object:
-            try:
-                raw["probs"] = np.stack([np.asarray(p, dtype=np.float32) for p in raw["probs"]])
-            except ValueError as err:
-                raise ValueError(f"probs must hold sequences of {N_CLASSES} floats: {err}") from err
-    elif isinstance(predictions, Mapping):
-        raw = {str(k): (None if v is None else np.asarray(v)) for k, v in predictions.items()}
-        raw = {k: v for k, v in raw.items() if v is not None}
-    else:
-        raise TypeError(
-            f"predictions must be a pandas DataFrame or a dict of arrays, got {type(predictions).__name__}"
-        )
-    unknown = set(raw) - set(PREDICTION_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown prediction columns {sorted(unknown)}; valid: {list(PREDICTION_COLUMNS)}")
-    if "pred" not in raw:
-        raise ValueError("predictions need a 'pred' column (class index 0..7)")
-    has_pos = ("iy" in raw, "ix" in raw)
-    if has_pos == (False, False):
-        pred = raw["pred"]
-        if pred.ndim != 2:
-            raise ValueError(f"without iy/ix columns, 'pred' must be a (ny, nx) map, got shape {pred.shape}")
-        ny, nx = pred.shape
-        iy, ix = np.divmod(np.arange(ny * nx), nx)
-        for key, value in list(raw.items()):
-            want = (ny, nx, N_CLASSES) if key == "probs" else (ny, nx)
-            if value.shape != want:
-                raise ValueError(f"map '{key}' has shape {value.shape}, expected {want}")
-            raw[key] = value.reshape(ny * nx, N_CLASSES) if key == "probs" else value.reshape(-1)
-        raw["iy"], raw["ix"] = iy, ix
-    elif not all(has_pos):
-        raise ValueError("give both 'iy' and 'ix' columns, or neither (then the arrays are (ny, nx) maps)")
-    n = len(raw["pred"])
-    for key, value in raw.items():
-        want = (n, N_CLASSES) if key == "probs" else (n,)
-        if value.shape != want:
-            raise ValueError(f"column '{key}' has shape {value.shape}, expected {want}")
-    out: dict[str, np.ndarray | None] = {
-        "iy": _int_column(raw["iy"], "iy", 0, _SMALLINT_MAX, np.int16),
-        "ix": _int_column(raw["ix"], "ix", 0, _SMALLINT_MAX, np.int16),
-        "pred": _int_column(raw["pred"], "pred", 0, N_CLASSES - 1, np.int8),
-    }
-    probs = raw.get("probs")
-    out["probs"] = None if probs is None else _finite(probs, "probs", np.float32)
-    if "confidence" in raw:
-        out["confidence"] = _finite(raw["confidence"], "confidence", np.float32)
-    else:
-        out["confidence"] = None if probs is None else out["probs"].max(axis=1)
-    out["true_label"] = _labels_column(raw["true_label"]) if "true_label" in raw else np.full(n, -1, np.int8)
-    for key in ("thickness_nm", "irregularity"):
-        out[key] = raw[key].astype(np.float32) if key in raw else None
-    out["region"] = raw.get("region")
-    out["is_defect"] = raw.get("is_defect")
-    if n > 1:
-        key = out["iy"].astype(np.int64) * (_SMALLINT_MAX + 1) + out["ix"]
-        if np.any(np.diff(key) <= 0):  # not strictly raster-ordered: sort (duplicates are caught below)
-            order = np.argsort(key, kind="stable")
-            out = {k: (None if v is None else v[order]) for k, v in out.items()}
-        dup = (np.diff(out["iy"]) == 0) & (np.diff(out["ix"]) == 0)
-        if np.any(dup):
-            i = int(np.argmax(dup))
-            raise ValueError(f"duplicate position (iy={out['iy'][i]}, ix={out['ix'][i]}) in predictions")
-    return out
-
-
-def _predictions_arrow(cols: dict[str, np.ndarray | None], run_id: int) -> pa.Table:
-    """Arrow table with the predictions table's column types (NaN/None -> NULL where nullable)."""
-    n = len(cols["pred"])
-
-    def nullable(values: np.ndarray | None, pa_type: pa.DataType) -> pa.Array:
-        if values is None:
-            return pa.nulls(n, pa_type)
-        return pa.array(values, type=pa_type, from_pandas=True)  # NaN -> NULL
-
-    if cols["probs"] is None:
-        probs = pa.nulls(n, pa.list_(pa.float32(), N_CLASSES))
-    else:
-        probs = pa.FixedSizeListArray.from_arrays(pa.array(cols["probs"].ravel()), N_CLASSES)
-    region = cols["region"]
-    if region is not None:
-        mask = np.asarray(pd.isna(region), bool)
-        values = _int_column(np.where(mask, 0, region), "region", -_SMALLINT_MAX, _SMALLINT_MAX, np.int16)
-        region = pa.array(values, mask=mask)
-    else:
-        region = pa.nulls(n, pa.int16())
-    defect = cols["is_defect"]
-    if defect is not None:
-        mask = np.asarray(pd.isna(defect), bool)
-        defect = pa.array(np.where(mask, False, defect).astype(bool), mask=mask)
-    else:
-        defect = pa.nulls(n, pa.bool_())
-    return pa.table(
-        {
-            "run_id": pa.array(np.full(n, run_id, np.int32)),
-            "iy": pa.array(cols["iy"]),
-            "ix": pa.array(cols["ix"]),
-            "pred": pa.array(cols["pred"]),
-            "confidence": nullable(cols["confidence"], pa.float32()),
-            "probs": probs,
-            "true_label": pa.array(cols["true_label"]),
-            "thickness_nm": nullable(cols["thickness_nm"], pa.float32()),
-            "region": region,
-            "is_defect": defect,
-            "irregularity": nullable(cols["irregularity"], pa.float32()),
-        }
-    )
