@@ -12,18 +12,87 @@ from polcore.figures import class_map_figure, scalar_map_figure
 from polcore.store.schema import SCAN_KINDS
 from ui import data as D
 from ui import guard, init_page, jobs, paths, short_error, state
-from ui.backend import available_models, ingest_scan, save_upload, validate_scan
+from ui.backend import (
+    DISK_MARGIN_BYTES,
+    UPLOAD_MAX_AGE_S,
+    UploadRefused,
+    available_models,
+    cleanup_uploads_if_due,
+    ingest_scan,
+    save_upload,
+    validate_scan,
+)
 from ui.maps import png_config
 
 ctx = init_page("Upload", icon=":material/upload_file:")
 st.title("Upload a scan")
-LIMIT_MB = st.get_option("server.maxUploadSize")
+#: Per-file limit of a browser upload [MB]: ``server.maxUploadSize`` in .streamlit/config.toml.
+LIMIT_MB = int(st.get_option("server.maxUploadSize"))
+_CAP = jobs.MAX_RUNNING.get("ingest", 1)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:g} h"
+
+
 st.caption(
-    f"Any format polcore reads: HDF5 (generic, py4DSTEM/EMD 1.0, Prismatic, ARINA), NumPy .npy, Merlin "
-    f".mib, NanoMegas .blo. Browser uploads up to {LIMIT_MB} MB are written to "
-    f"`{paths.uploads_dir()}` in chunks; for larger scans copy the file under the data directory "
-    "`" + str(paths.data_dir()) + "` and give its path."
+    "Any format polcore reads: HDF5 (generic, py4DSTEM/EMD 1.0, Prismatic, ARINA), NumPy .npy, Merlin "
+    f".mib, NanoMegas .blo. **Browser uploads: at most {LIMIT_MB} MB per file.** Larger scans: copy the file "
+    f"under the data directory `{paths.data_dir()}` (scp, rsync, a shared drive) and choose *Path on the "
+    "server*: it is read where it lies, never held in memory nor copied."
 )
+with st.expander("What happens to an uploaded file", icon=":material/info:"):
+    st.markdown(
+        f"""
+1. **Once your browser has sent it, the whole file is held in the server's memory until it is saved** (that
+   is how Streamlit receives uploads, one copy per browser session; hence the {LIMIT_MB} MB limit per file).
+2. The server checks the free disk space first: it refuses the file unless its size plus
+   {DISK_MARGIN_BYTES / 2**30:g} GB stay free. Then it writes the file to `{paths.uploads_dir()}` in chunks,
+   computing its sha256 on the way, and **drops the in-memory copy** (the upload box empties).
+3. The saved file is opened to check that it is a 4D-STEM scan; a file that cannot be read is deleted at once.
+4. It is ingested only when you press *Ingest*. **{_CAP} ingest runs at a time on this server**; others wait
+   in line (the page shows your place) and start in turn. A waiting or running ingest can be cancelled:
+   nothing is stored then (a running one rolls back what it wrote).
+5. **An upload that was never ingested is deleted {_hours(UPLOAD_MAX_AGE_S)} after it was saved**; the files
+   of stored scans are kept.
+"""
+    )
+
+
+def _show_message() -> None:
+    """A message left by the run that ended with st.rerun (a refused upload)."""
+    msg = st.session_state.pop("up_msg", None)
+    if msg:
+        getattr(st, msg[0])(msg[1])
+
+
+def _forget_upload(*, delete: bool) -> None:
+    """Forget the saved upload of this session; delete its file when asked and no ingest uses it."""
+    cur = st.session_state.pop("up_current", None)
+    if delete and cur:
+        p = Path(cur["path"])
+        if p.resolve() not in jobs.active_paths():
+            p.unlink(missing_ok=True)
+
+
+def _release_upload(up) -> None:
+    """Drop a browser upload from Streamlit's memory once it is on disk.
+
+    Streamlit keeps the bytes in its ``MemoryUploadedFileManager`` (per session, until the browser deletes
+    the file or the session ends), and the uploader's value (an ``UploadedFile``, a BytesIO over the same
+    bytes) in the widget state. ``remove_file`` drops the first, as ``st.chat_input`` does after reading its
+    files; a new widget key makes the old widget stale, and Streamlit deletes a stale widget's state at the
+    end of the next full run (``SessionState._remove_stale_widgets``).
+    """
+    from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    run_ctx = get_script_run_ctx()
+    fid = getattr(up, "file_id", None)
+    if run_ctx is not None and fid and isinstance(run_ctx.uploaded_file_mgr, MemoryUploadedFileManager):
+        run_ctx.uploaded_file_mgr.remove_file(session_id=run_ctx.session_id, file_id=fid)
+    up.close()  # the BytesIO lets go of its buffer
+    st.session_state["up_nonce"] = int(st.session_state.get("up_nonce", 0)) + 1
 
 
 def _validate(path: Path, shown_name: str, *, remove_on_error: bool) -> dict | None:
@@ -38,25 +107,58 @@ def _validate(path: Path, shown_name: str, *, remove_on_error: bool) -> dict | N
     except Exception as exc:  # noqa: BLE001 - never a traceback
         st.error(f"**{shown_name}** cannot be read: {short_error(exc)}")
     if remove_on_error:
-        path.unlink(missing_ok=True)
-        st.session_state.get("up_saved", {}).pop(st.session_state.get("up_file_id"), None)
+        _forget_upload(delete=True)
+        _upload_widget()  # offer the upload box again at once
     return None
+
+
+def _upload_widget():
+    return st.file_uploader(
+        "Scan file",
+        key=f"up_file_{st.session_state.get('up_nonce', 0)}",
+        help=f"At most {LIMIT_MB} MB per file (server.maxUploadSize); larger scans: Path on the server.",
+    )
 
 
 def _source() -> tuple[Path | None, str, bool]:
     """(path, display name, is_upload) of the scan to ingest, or (None, '', False)."""
     mode = st.radio("Source", ["Upload a file", "Path on the server"], horizontal=True, key="up_mode")
     if mode == "Upload a file":
-        up = st.file_uploader("Scan file", key="up_file", help=f"Limit {LIMIT_MB} MB (server.maxUploadSize).")
+        _show_message()
+        cur = st.session_state.get("up_current")
+        if cur and not Path(cur["path"]).is_file():
+            _forget_upload(delete=False)
+            st.info(
+                f"The earlier upload {cur['name']} is gone (uploads never ingested are deleted "
+                f"{_hours(UPLOAD_MAX_AGE_S)} after they were saved): upload it again."
+            )
+            cur = None
+        if cur:
+            left, right = st.columns([4, 1])
+            size_mb = Path(cur["path"]).stat().st_size / 2**20
+            left.caption(
+                f"**{cur['name']}** ({size_mb:.1f} MB) is saved as `{cur['path']}`; the server no longer "
+                "holds it in memory."
+            )
+            if right.button("Discard", key="up_discard", help="Delete the saved file and upload another."):
+                _forget_upload(delete=True)
+                st.rerun()
+            return Path(cur["path"]), cur["name"], True
+        up = _upload_widget()
         if up is None:
             return None, "", False
-        saved = st.session_state.setdefault("up_saved", {})
         fid = getattr(up, "file_id", None) or f"{up.name}-{up.size}"
-        st.session_state["up_file_id"] = fid
-        if fid not in saved or not Path(saved[fid]).is_file():
+        try:
             with st.spinner(f"Writing {up.name} to disk ..."):
-                saved[fid] = str(save_upload(up, up.name, fid))
-        return Path(saved[fid]), up.name, True
+                saved = save_upload(up, up.name, fid)
+        except UploadRefused as exc:
+            st.session_state["up_msg"] = ("error", f"**{up.name}** refused: {exc}")
+        except OSError as exc:  # disk full while writing, permissions: the partial file is already gone
+            st.session_state["up_msg"] = ("error", f"**{up.name}** could not be written: {short_error(exc)}")
+        else:
+            st.session_state["up_current"] = {"path": str(saved), "name": up.name}
+        _release_upload(up)
+        st.rerun()
     text = st.text_input("Path of the scan file (absolute, or relative to the data directory)", key="up_path")
     if not text.strip():
         return None, "", False
@@ -110,17 +212,40 @@ def _select_new_scan(scan_id: int, model: str | None) -> None:
 
 
 with guard("The upload page"):
+    _cur = st.session_state.get("up_current")
+    cleanup_uploads_if_due(keep=jobs.active_paths() | ({Path(_cur["path"])} if _cur else set()))
     job = jobs.get_job(st.session_state.get("up_job"))
-    if job is not None and job.status == "running":
-        st.info(f"Ingesting {job.label} \u2014 you can keep browsing the other pages meanwhile.")
+    if job is not None and job.status in jobs.ACTIVE:
+        if job.status == "queued":
+            st.info(
+                f"{job.label} waits for its turn: {_CAP} ingest runs at a time on this server. It starts by "
+                "itself; you can keep browsing the other pages meanwhile."
+            )
+        else:
+            st.info(f"Ingesting {job.label} \u2014 you can keep browsing the other pages meanwhile.")
         jobs.job_progress(job.job_id)
+        if job.cancel_requested:
+            st.caption("Cancelling: the ingest stops at its next step and removes what it wrote ...")
+        else:
+            st.button(
+                "Cancel" if job.status == "running" else "Leave the queue",
+                key="up_cancel",
+                icon=":material/cancel:",
+                on_click=jobs.cancel_job,
+                args=(job.job_id,),
+                help="Stop the ingest; nothing is stored (what it wrote so far is removed).",
+            )
         st.stop()
+    if job is not None and job.status == "cancelled":
+        st.warning("Cancelled, nothing was stored.")
+        st.session_state.pop("up_job", None)
     if job is not None and job.status == "failed":
         st.error(f"Ingest failed, the database is unchanged: {job.error}")
         st.session_state.pop("up_job", None)
     if job is not None and job.status == "done":
         D.clear_caches()
         st.session_state.pop("up_job", None)
+        st.session_state.pop("up_current", None)  # stored now: its file stays
         _select_new_scan(int(job.result), st.session_state.get("up_first_model"))
         st.session_state["up_done"] = int(job.result)
         st.rerun()
@@ -174,16 +299,21 @@ with guard("The upload page"):
             st.error("Choose at least one model.")
             st.stop()
         st.session_state["up_first_model"] = chosen[0]
-        new = jobs.start_job(
-            "ingest",
-            f"{name or path.stem} ({len(chosen)} model(s))",
-            ingest_scan,
-            path,
-            list(chosen),
-            ctx.db,
-            name=name or None,
-            kind=kind,
-            dataset=dataset or None,
-        )
+        try:
+            new = jobs.start_job(
+                "ingest",
+                f"{name or path.stem} ({len(chosen)} model(s))",
+                ingest_scan,
+                path,
+                list(chosen),
+                ctx.db,
+                name=name or None,
+                kind=kind,
+                dataset=dataset or None,
+            )
+        except jobs.QueueFull as exc:
+            st.error(f"Not started: {exc}")
+            st.stop()
+        new.path = str(path)
         st.session_state["up_job"] = new.job_id
         st.rerun()

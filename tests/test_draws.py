@@ -133,6 +133,28 @@ def test_ideal_observer_known_nuisance_is_perfect_without_noise(tiny_draws):
     assert u["n_train_draws"] == 3
 
 
+def test_position_blind_observer_matches_a_direct_computation(tiny_draws):
+    """The position-blind limit: each pattern's likelihood averaged over training draws AND probe positions,
+    checked against a direct loop over the templates."""
+    from polcore.evaluate import _bin, _log_templates, _logmeanexp, heldout_counts, ideal_observer
+
+    t = 8.0
+    df = ideal_observer(tiny_draws, doses=(2e4,), thickness=(t,), versions=("unknown", "unknown_pos"), bin_px=1)
+    blind = df[df["version"] == "unknown_pos"].iloc[0]
+    counts, _ = heldout_counts(tiny_draws, "test", t, 2e4, 0)
+    D, C, N, _, K, _ = counts.shape
+    lt = _log_templates(_bin(tiny_draws.expanded("train", t), 1), 2e4).reshape(-1, C, N * N, K * K)
+    n = counts.reshape(D, C, N * N, K * K).astype(np.float64)
+    hits = 0
+    for d in range(D):
+        for c in range(C):
+            for p in range(N * N):
+                ll = np.einsum("k,jcpk->cjp", n[d, c, p], lt.astype(np.float64)).reshape(C, -1)
+                hits += int(np.argmax(_logmeanexp(ll, axis=1)) == c)
+    assert blind["per_pattern"] == pytest.approx(hits / (D * C * N * N))
+    assert 0.0 <= blind["per_cell"] <= 1.0
+
+
 def test_draw_count_curve_rows(tiny_draws):
     from polcore.evaluate import draw_count_curve
 

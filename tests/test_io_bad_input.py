@@ -363,3 +363,62 @@ def test_file_removed_after_open(tmp_path, rng, kind):
         for _ in scan.iter_batches(4):
             pass
     assert str(path) in str(e.value)
+
+
+# --- issue 12: links, special files, every .mib frame, large .npy headers -------------------------------------
+# (pipes are tested in tests/test_hostile_io.py, in a worker process: a regression there would hang this one)
+
+
+def test_self_symlink_is_a_loop_not_missing(tmp_path):
+    link = tmp_path / "self.h5"
+    link.symlink_to("self.h5")
+    msg = _refused(link, "symbolic link loop")
+    assert "not found" not in msg
+
+
+def test_dangling_symlink(tmp_path):
+    link = tmp_path / "gone.h5"
+    link.symlink_to(tmp_path / "nowhere.h5")
+    _refused(link, "dangling symbolic link")
+
+
+def test_device_is_not_a_regular_file():
+    _refused("/dev/null", "not a regular file: character device")
+
+
+@pytest.mark.parametrize("frame", [3, 5])  # the middle and the last of 6 frames
+def test_mib_corrupt_header_anywhere(tmp_path, rng, frame):
+    frames = rng.integers(0, 200, (6, 4, 4)).astype(np.uint16)
+    path = write_mib(tmp_path / "mid.mib", frames, scan=(2, 3))
+    data = bytearray(path.read_bytes())
+    data[(frame - 1) * (384 + 32) : (frame - 1) * (384 + 32) + 4] = b"JUNK"
+    path.write_bytes(bytes(data))
+    _refused(path, f"frame {frame} does not start with an MQ1 header")
+
+
+def test_mib_header_field_changed_in_a_middle_frame(tmp_path, rng):
+    frames = rng.integers(0, 200, (6, 4, 4)).astype(np.uint16)
+    path = write_mib(tmp_path / "mixed.mib", frames, scan=(2, 3))
+    data = bytearray(path.read_bytes())
+    off = 3 * (384 + 32)
+    assert data[off + 30 : off + 33] == b"U16"
+    data[off + 30 : off + 33] = b"U08"
+    path.write_bytes(bytes(data))
+    _refused(path, "frame 4 announces")
+
+
+def test_npy_with_a_large_valid_header_opens(tmp_path, rng):
+    arr = rng.integers(0, 100, (2, 3, 4, 4)).astype(np.uint16)
+    header = "{'descr': '<u2', 'fortran_order': False, 'shape': (2, 3, 4, 4), }" + " " * 30000
+    header += " " * ((64 - (len(header) + 13) % 64) % 64) + "\n"
+    path = tmp_path / "bighead.npy"
+    path.write_bytes(b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header.encode() + arr.tobytes())
+    assert np.load(path, max_header_size=100000).shape == arr.shape  # numpy agrees the file is valid
+    scan = open_scan(path)
+    np.testing.assert_array_equal(scan.pattern(1, 2), arr[1, 2])
+
+
+def test_npy_header_length_beyond_limit_is_not_read(tmp_path):
+    path = tmp_path / "hlen.npy"
+    path.write_bytes(b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{}" * 10)
+    _refused(path, "MAX_NPY_HEADER_BYTES")

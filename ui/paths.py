@@ -10,7 +10,16 @@ from pathlib import Path
 
 from polcore import settings
 
-__all__ = ["ROOT", "data_dir", "db_path", "uploads_dir", "resolve_data_path", "db_token"]
+__all__ = [
+    "ROOT",
+    "MAX_PATH_BYTES",
+    "MAX_NAME_BYTES",
+    "data_dir",
+    "db_path",
+    "uploads_dir",
+    "resolve_data_path",
+    "db_token",
+]
 
 #: Repository root (the folder holding app.py).
 ROOT = settings.ROOT
@@ -31,6 +40,16 @@ def uploads_dir() -> Path:
     return settings.uploads_dir()
 
 
+#: Longest path the Upload page accepts [bytes, UTF-8] (Linux PATH_MAX), and longest single name (NAME_MAX).
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """``repr`` of user input, shortened for a message."""
+    return repr(text) if len(text) <= limit else repr(text[: limit - 20] + " ... " + text[-15:])
+
+
 def resolve_data_path(text: str) -> Path:
     """Resolve a user-given server-side path and refuse anything outside the data directory.
 
@@ -45,23 +64,45 @@ def resolve_data_path(text: str) -> Path:
     Raises
     ------
     ValueError
-        Empty input, a path that resolves outside the data directory (``..``, symlinks, absolute paths
-        elsewhere), or one that does not name an existing file.
+        Empty input, a path that is too long (over :data:`MAX_PATH_BYTES`, or a name over
+        :data:`MAX_NAME_BYTES`) or holds a NUL character, a path that resolves outside the data directory
+        (``..``, symlinks, absolute paths elsewhere), or one that does not name an existing, readable file.
+        Never an ``OSError``: the message is meant for the page.
     """
     text = (text or "").strip()
     if not text:
         raise ValueError("Give a path to a scan file under the data directory.")
+    if "\x00" in text:
+        raise ValueError("Refused: the path contains a NUL character.")
+    n_bytes = len(text.encode("utf-8", "surrogateescape"))
+    if n_bytes > MAX_PATH_BYTES:
+        raise ValueError(
+            f"Refused: the path is too long ({n_bytes} bytes; at most {MAX_PATH_BYTES}). Give the path of a "
+            "scan file under the data directory."
+        )
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in Path(text).parts), default=0)
+    if longest > MAX_NAME_BYTES:
+        raise ValueError(
+            f"Refused: a file or folder name in the path is too long ({longest} bytes; at most "
+            f"{MAX_NAME_BYTES}): {_shown(text)}."
+        )
     base = data_dir()
-    raw = Path(text).expanduser()
-    if not raw.is_absolute():
-        raw = base / raw
-    resolved = raw.resolve()
-    if resolved != base and base not in resolved.parents:
-        raise ValueError(f"Refused: {text!r} is outside the data directory {base}.")
-    if not resolved.exists():
-        raise ValueError(f"No such file under the data directory: {text!r}.")
-    if not resolved.is_file():
-        raise ValueError(f"{text!r} is not a file (give one scan file).")
+    try:
+        raw = Path(text).expanduser()
+        if not raw.is_absolute():
+            raw = base / raw
+        resolved = raw.resolve()
+        if resolved != base and base not in resolved.parents:
+            raise ValueError(f"Refused: {_shown(text)} is outside the data directory {base}.")
+        if not resolved.exists():
+            raise ValueError(f"No such file under the data directory: {_shown(text)}.")
+        if not resolved.is_file():
+            raise ValueError(f"{_shown(text)} is not a file (give one scan file).")
+    except OSError as exc:  # too long once resolved, permissions, a loop of links, ...
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"Cannot use the path {_shown(text)}: {reason}.") from exc
+    except RuntimeError as exc:  # expanduser without a home, a symlink loop on older Pythons
+        raise ValueError(f"Cannot use the path {_shown(text)}: {exc}.") from exc
     return resolved
 
 

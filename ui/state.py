@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 
 import streamlit as st
@@ -68,21 +69,27 @@ def _num(text: str) -> float:
     return v
 
 
-def parse_thickness(text: str | None) -> tuple[float, float] | None:
-    """``"lo-hi"`` (or ``"lo,hi"``, or one value ``"v"``) -> (lo, hi) [nm] sorted; empty -> None.
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_THICKNESS_RE = re.compile(rf"^\s*({_NUMBER})\s*(?:(?:-|,|~|\.\.)\s*({_NUMBER})\s*)?$")
 
-    Raises ValueError for anything else.
+
+def parse_thickness(text: str | None) -> tuple[float, float] | None:
+    """``"lo-hi"`` (or ``"lo,hi"``, ``"lo~hi"``, ``"lo..hi"``, or one value ``"v"``) -> (lo, hi) [nm];
+    empty -> None. A reversed range is put in order (``"40-10"`` -> (10, 40)).
+
+    Raises ValueError for anything else, with a message for the page: a negative thickness (``"-5--3"``,
+    ``"-5"``, ``"10--3"``), a number that is not finite, or text that is not one or two numbers.
     """
     if text is None or not str(text).strip():
         return None
-    s = str(text).strip().replace("~", "-").replace("..", "-")
-    parts = [p for p in s.replace(",", "-").split("-") if p.strip()]
-    if len(parts) == 1:
-        v = _num(parts[0])
-        return (v, v)
-    if len(parts) != 2:
+    m = _THICKNESS_RE.match(str(text))
+    if m is None:
         raise ValueError(f"thickness range must look like 10-40 [nm], got {text!r}")
-    lo, hi = sorted((_num(parts[0]), _num(parts[1])))
+    values = [_num(g) for g in m.groups() if g is not None]
+    if any(v < 0 for v in values):
+        raise ValueError(f"thickness cannot be negative, got {text!r} (use lo-hi in nm, e.g. 10-40)")
+    values = [v + 0.0 for v in values]  # -0.0 -> 0.0
+    lo, hi = (values[0], values[0]) if len(values) == 1 else sorted(values)
     return (lo, hi)
 
 

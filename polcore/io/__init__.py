@@ -8,8 +8,8 @@ Conventions
 * Arrays are ``(scan_y, scan_x, ky, kx)``: rows before columns, row 0 at the top, for the scan and the
   detector alike. Readers keep each format's documented orientation and say in ``meta.extra`` what they did
   (e.g. Merlin frames are flipped vertically exactly as RosettaSciIO does).
-* Construction is cheap: headers are parsed and a sample of :data:`SAMPLE_PATTERNS` patterns is read to
-  check the data; pattern data are otherwise read only by :meth:`Scan.pattern` and
+* Construction is cheap: headers are parsed and a sample of :data:`SAMPLE_PATTERNS` patterns (fewer when they
+  are large) is read to check the data; pattern data are otherwise read only by :meth:`Scan.pattern` and
   :meth:`Scan.iter_batches`, one block at a time, opening the file per pass. Memory stays bounded by the
   batch size whatever the file size.
 * Calibration goes to ``scan.meta`` (:class:`polcore.types.ScanMeta`): step [nm], detector sampling
@@ -31,10 +31,32 @@ Errors
 Anything that cannot be read as a scan raises :class:`ScanFormatError` (a ``ValueError``) whose message
 names the file, the dataset if any, and what was wrong: missing or empty file, truncated or corrupt HDF5,
 text named ``.h5``, no 4D dataset / several without ``dataset=`` (listed), 2D/3D/5D arrays, non-numeric
-types, zero-size axes, a ``.mib`` whose header does not match its size, all-NaN data. ``open_scan`` never
-lets another exception type escape; read errors during iteration are wrapped the same way.
+types, zero-size axes, a ``.mib`` whose header does not match its size, all-NaN data, and everything listed
+under *Untrusted files* below. ``open_scan`` never lets another exception type escape; read errors during
+iteration are wrapped the same way.
 
-This package imports neither torch nor streamlit; RosettaSciIO is imported only when a vendor file is opened.
+Untrusted files
+---------------
+Files come from users and are treated as hostile (issue 12):
+
+* **Only regular files are opened.** ``open_scan`` looks at the path with ``os.lstat``/``os.stat`` first and
+  refuses pipes, devices, sockets, directories, dangling and looping symbolic links ("not a regular file:
+  named pipe (FIFO)", "symbolic link loop", ...) without opening them (:mod:`polcore.io.files`).
+* **Nothing outside the file is read.** HDF5 files are audited before any data is read
+  (:mod:`polcore.io.h5safe`): external links, virtual datasets, datasets with external raw storage and soft
+  links that do not resolve inside the file are refused, wherever they are in the file. The only other files
+  ever read are those a format names next to the scan, when they are regular files in the same folder: a
+  DECTRIS master's ``<name>_data_NNNNNN.h5`` data files (opened directly, audited, never through HDF5's link
+  traversal) and ``<name>.h5`` metadata, and a Merlin ``.hdr``.
+* **Declared sizes are checked before anything is allocated**, against the limits of
+  :mod:`polcore.io.limits` (pattern side, scan size, total bytes, chunk size, ...) and against what the file
+  holds (HDF5 storage and chunk index, ``.mib`` frame count and *every* frame header, ``.npy`` / ``.blo`` file
+  size equal to what the header announces). Compressed HDF5 chunks are checked before HDF5 decompresses them
+  (decompression bombs). Opening stays within a memory and time budget whatever the header says.
+* Calibration values that are not plausible (negative step, NaN, absurd voltage) are dropped, not used, and
+  listed in ``meta.extra['ignored_calibration']``.
+
+This package imports neither torch nor streamlit; RosettaSciIO is imported only when a blockfile is opened.
 """
 
 from polcore.io.arina import ArinaScan

@@ -15,13 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from polcore.io.errors import ScanFormatError
+from polcore.io.limits import OPEN_SAMPLE_BYTES, check_scan_limits
 from polcore.types import ScanMeta
 
 __all__ = ["Scan", "ArrayScan", "SAMPLE_PATTERNS"]
 
 logger = logging.getLogger(__name__)
 
-#: Number of patterns read at open time to check that the data are readable and not all NaN/inf.
+#: Number of patterns read at open time to check that the data are readable and not all NaN/inf (fewer when
+#: they would exceed :data:`polcore.io.limits.OPEN_SAMPLE_BYTES`).
 SAMPLE_PATTERNS = 16
 
 #: ``read_block(y0, y1, x0, x1) -> array (y1 - y0, x1 - x0, ky, kx)``
@@ -66,7 +68,11 @@ def check_shape4d(shape, path=None, dataset=None) -> tuple[tuple[int, int], tupl
             f"expected a 4D array (scan_y, scan_x, ky, kx), got {len(shape)}D shape {shape}",
             dataset=dataset,
         )
-    if min(shape) <= 0:
+    if min(shape) < 0:
+        raise ScanFormatError(
+            path, f"negative axis size in shape {shape} (scan_y, scan_x, ky, kx): corrupt header", dataset=dataset
+        )
+    if min(shape) == 0:
         raise ScanFormatError(
             path, f"zero-size axis in shape {shape} (scan_y, scan_x, ky, kx): no patterns", dataset=dataset
         )
@@ -158,6 +164,8 @@ class Scan:
         self.dataset = dataset
         self.nav_shape, self.sig_shape = check_shape4d(shape, self.path, dataset)
         self.dtype = check_dtype(dtype, self.path, dataset)
+        if self.path is not None:  # files are not trusted: their declared size must be within the limits
+            check_scan_limits(self.nav_shape + self.sig_shape, self.dtype.itemsize, self.path, dataset)
         self.meta = meta if meta is not None else ScanMeta()
         if not isinstance(self.meta, ScanMeta):
             raise TypeError(f"meta must be a polcore.types.ScanMeta, got {type(self.meta).__name__}")
@@ -165,13 +173,18 @@ class Scan:
         self.nonfinite_count = 0
 
     # -- to implement -------------------------------------------------------------------------------
-    def _reading(self) -> AbstractContextManager[BlockReader]:
+    def _reading(self, light: bool = False) -> AbstractContextManager[BlockReader]:
         """Context manager that opens the source and yields ``read_block(y0, y1, x0, x1)``.
 
         ``read_block`` returns the patterns of rows ``y0:y1`` and columns ``x0:x1`` as an array-like of
         shape ``(y1 - y0, x1 - x0, ky, kx)``. The source is opened once per pass / call, never kept.
+        ``light``: only a few patterns will be read (open-time sample, :meth:`pattern`): keep caches small.
         """
         raise NotImplementedError
+
+    def _sample_limit(self) -> int:
+        """Most patterns the open-time sample may read (:data:`polcore.io.limits.OPEN_SAMPLE_BYTES`)."""
+        return max(1, OPEN_SAMPLE_BYTES // max(1, self.sig_shape[0] * self.sig_shape[1] * self.dtype.itemsize))
 
     # -- derived -------------------------------------------------------------------------------------
     @property
@@ -231,10 +244,10 @@ class Scan:
             ) from exc
 
     @contextmanager
-    def _open_source(self):
+    def _open_source(self, light: bool = False):
         with ExitStack() as stack:
             try:
-                read_block = stack.enter_context(self._reading())
+                read_block = stack.enter_context(self._reading(light))
             except ScanFormatError:
                 raise
             except Exception as exc:  # e.g. the file vanished or became unreadable after opening
@@ -260,7 +273,7 @@ class Scan:
         if iy_i != iy or ix_i != ix or not (0 <= iy_i < ny and 0 <= ix_i < nx):
             raise IndexError(f"probe position ({iy}, {ix}) outside the scan of {ny} x {nx} (ny, nx)")
         start = iy_i * nx + ix_i
-        with self._open_source() as read_block:
+        with self._open_source(light=True) as read_block:
             frames = self._read_range(read_block, start, start + 1)
         return self._clean(frames)[0][0]
 
@@ -306,13 +319,14 @@ class Scan:
             )
 
     def check_sample(self, n: int = SAMPLE_PATTERNS) -> int:
-        """Read the first ``n`` patterns: check the data are readable and not all NaN/inf.
+        """Read the first ``n`` patterns (fewer when they would exceed
+        :data:`polcore.io.limits.OPEN_SAMPLE_BYTES`): check the data are readable and not all NaN/inf.
 
         Called once when a scan is opened. Returns the number of NaN/inf values in the sample (logged as a
         warning when > 0); raises :class:`ScanFormatError` when *every* sampled value is NaN/inf.
         """
-        n = min(int(n), self.n_patterns)
-        with self._open_source() as read_block:
+        n = min(int(n), self.n_patterns, self._sample_limit())
+        with self._open_source(light=True) as read_block:
             frames = np.asarray(self._read_range(read_block, 0, n))
         if frames.dtype.kind != "f":
             return 0
@@ -363,7 +377,7 @@ class ArrayScan(Scan):
         self.check_sample()
 
     @contextmanager
-    def _reading(self):
+    def _reading(self, light: bool = False):
         arr = self._array
         yield lambda y0, y1, x0, x1: np.array(arr[y0:y1, x0:x1])
 

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 
 from polcore.io.errors import ScanFormatError
+from polcore.io.files import check_regular_file
 
 __all__ = ["GROUP", "write_ground_truth", "read_ground_truth", "ground_truth_attrs"]
 
@@ -125,8 +126,7 @@ def read_ground_truth(path) -> dict | None:
     file, or the maps differ in shape.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ScanFormatError(path, "file not found")
+    check_regular_file(path)  # pipes, devices, broken links: refused without being opened
     if not h5py.is_hdf5(path):
         return None
     _filters()
@@ -184,7 +184,8 @@ def ground_truth_attrs(path) -> dict:
     strings; ``{}`` when the file is missing, not HDF5, unreadable or has no such group. Never raises."""
     try:
         path = Path(path)
-        if not path.is_file() or not h5py.is_hdf5(path):
+        check_regular_file(path)
+        if not h5py.is_hdf5(path):
             return {}
         _filters()
         with h5py.File(path, "r", locking=False) as f:

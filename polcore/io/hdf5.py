@@ -30,6 +30,7 @@ Array order is kept as stored, ``(scan_y, scan_x, ky, kx)``. py4DSTEM and Prisma
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -39,10 +40,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from polcore.io.base import Scan, check_dtype, flat_block_reader
+from polcore.io.base import Scan, check_dtype, check_shape4d, flat_block_reader
 from polcore.io.calibration import as_kv, length_to_nm, reciprocal_to_mrad
 from polcore.io.errors import ScanFormatError
+from polcore.io.files import check_regular_file
 from polcore.io.ground_truth import GROUP as _GROUND_TRUTH
+from polcore.io.h5safe import audit_file, check_storage, resolve, small_attr, small_attrs
+from polcore.io.limits import (
+    MAX_ATTRS_READ,
+    MAX_CHUNK_BYTES,
+    MAX_PATTERN_READ_BYTES,
+    OPEN_CACHE_BYTES,
+    check_scan_limits,
+    fmt_bytes,
+)
 from polcore.types import ScanMeta
 
 __all__ = ["HDF5Scan", "open_hdf5", "h5open", "list_arrays"]
@@ -64,8 +75,13 @@ def _import_filters() -> bool:
 
 
 def h5open(path, **kwargs) -> h5py.File:
-    """Open an HDF5 file read-only (filters registered); wrap failures into :class:`ScanFormatError`."""
+    """Open a regular HDF5 file read-only (filters registered); wrap failures into :class:`ScanFormatError`.
+
+    The path is checked with ``os.stat`` first: pipes, devices, directories and broken links are refused
+    without being opened (:func:`polcore.io.files.check_regular_file`).
+    """
     _import_filters()
+    check_regular_file(path)
     try:
         return h5py.File(path, "r", locking=False, **kwargs)
     except FileNotFoundError as exc:
@@ -81,16 +97,21 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_MAX_TEXT = 1000
+
+
 def _text(value) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes | np.bytes_):
-        return bytes(value).decode("utf-8", "replace")
+        return bytes(value[: 4 * _MAX_TEXT]).decode("utf-8", "replace")[:_MAX_TEXT]
+    if isinstance(value, str):
+        return value[:_MAX_TEXT]
     if isinstance(value, np.ndarray):
         if value.size != 1:
             return None
         return _text(value.reshape(-1)[0])
-    return str(value)
+    return str(value)[:_MAX_TEXT]
 
 
 def _num(value) -> float | None:
@@ -267,10 +288,19 @@ def _calibration_group(f: h5py.File, ds_path: str) -> h5py.Group | None:
 
 
 def _group_values(g: h5py.Group) -> dict:
-    values = {k: _text(v) if isinstance(v, bytes | np.bytes_) else _num(v) for k, v in g.attrs.items()}
-    for k, obj in g.items():
+    """Small attributes and small datasets of a calibration group (the file has passed :func:`audit_file`)."""
+    values = {
+        k: _text(v) if isinstance(v, bytes | np.bytes_ | str) else _num(v) for k, v in small_attrs(g).items()
+    }
+    for i, k in enumerate(g.keys()):
+        if i >= MAX_ATTRS_READ:
+            break
+        obj = g.get(k)
         if isinstance(obj, h5py.Dataset):
-            values[k] = _read_small(obj)
+            try:
+                values[k] = _read_small(obj)
+            except Exception:  # noqa: BLE001 - an unreadable calibration value is no calibration
+                logger.warning("%s: calibration value %s unreadable, ignored", g.file.filename, obj.name)
     return values
 
 
@@ -286,8 +316,11 @@ def _dim_step(f, ds_path: str, axis: int, base: int):
     dim = g.get(f"dim{axis + base}")
     if not isinstance(dim, h5py.Dataset) or dim.ndim != 1 or dim.shape[0] < 2 or dim.dtype.kind not in "uif":
         return None, None
-    v = dim[:2].astype(float)
-    return float(v[1] - v[0]), _text(dim.attrs.get("units"))
+    try:
+        v = dim[:2].astype(float)
+    except Exception:  # noqa: BLE001 - an unreadable axis vector is no calibration
+        return None, None
+    return float(v[1] - v[0]), _text(small_attr(dim, "units"))
 
 
 def _emd1_meta(f: h5py.File, ds_path: str) -> ScanMeta:
@@ -333,7 +366,7 @@ def _emd1_meta(f: h5py.File, ds_path: str) -> ScanMeta:
 
 def _prismatic_meta(f: h5py.File, ds_path: str, info: dict) -> ScanMeta:
     params_path = "4DSTEM_simulation/metadata/metadata_0/original/simulation_parameters"
-    params = {k: _num(v) for k, v in f[params_path].attrs.items()} if params_path in f else {}
+    params = {k: _num(v) for k, v in small_attrs(f[params_path]).items()} if params_path in f else {}
     voltage = params.get("E")  # keV
     r_step, _ = _dim_step(f, ds_path, 0, 1)
     q_step, _ = _dim_step(f, ds_path, 2, 1)
@@ -360,8 +393,9 @@ def _attrs_meta(f: h5py.File, ds_path: str) -> ScanMeta:
     values: dict = {}
     for obj in (f["/"], f[ds_path]):
         for k in ("step_nm", "mrad_per_px", "voltage_kv", "convergence_mrad", "rotation_deg", "flip"):
-            if k in obj.attrs:
-                values[k] = _num(obj.attrs[k])
+            v = _num(small_attr(obj, k, 1))
+            if v is not None:
+                values[k] = v
     if not values:
         return ScanMeta(source="none (generic HDF5)", extra={"format": "generic HDF5"})
     flip = values.pop("flip", None)
@@ -383,11 +417,45 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
+#: Plausible calibration ranges: a value outside is dropped (None) with a warning, not used.
+_CAL_RANGES = {
+    "step_nm": (0.0, 1e6),
+    "mrad_per_px": (0.0, 1e3),
+    "voltage_kv": (0.0, 1e4),
+    "convergence_mrad": (0.0, 1e3),
+    "rotation_deg": (-1e4, 1e4),
+}
+
+
+def sane_meta(meta: ScanMeta, path=None) -> ScanMeta:
+    """Drop calibration values that are not finite numbers in a plausible range (e.g. a negative step).
+
+    Dropped values are listed in ``meta.extra['ignored_calibration']`` and logged; the scan still opens.
+    """
+    ignored, changes = {}, {}
+    for key, (lo, hi) in _CAL_RANGES.items():
+        v = getattr(meta, key)
+        if v is None:
+            continue
+        try:
+            fv = float(v)
+        except (TypeError, ValueError, OverflowError):
+            fv = float("nan")
+        ok = math.isfinite(fv) and (lo < fv <= hi if key != "rotation_deg" else lo <= fv <= hi)
+        if not ok:
+            ignored[key] = repr(v)[:60]
+            changes[key] = None
+    if not ignored:
+        return meta
+    logger.warning("%s: implausible calibration values ignored: %s", path, ignored)
+    return dataclasses.replace(meta, **changes, extra={**meta.extra, "ignored_calibration": ignored})
+
+
 def _meta_for(f: h5py.File, ds_path: str, info: dict) -> ScanMeta:
     if info.get("prismatic_depth") or _is_prismatic(f, ds_path):
         return _prismatic_meta(f, ds_path, info)
     parent = f[ds_path.rsplit("/", 1)[0]] if "/" in ds_path else f["/"]
-    if _text(parent.attrs.get("emd_group_type")) == "array" or _calibration_group(f, ds_path) is not None:
+    if _text(small_attr(parent, "emd_group_type")) == "array" or _calibration_group(f, ds_path) is not None:
         return _emd1_meta(f, ds_path)
     return _attrs_meta(f, ds_path)
 
@@ -403,6 +471,35 @@ def _cache_bytes(shape, chunks, itemsize) -> int:
     n_chunks_row = math.prod(math.ceil(s / c) for s, c in zip(shape[1:], chunks[1:]))
     need = int(1.1 * n_chunks_row * math.prod(chunks) * itemsize)
     return int(min(max(need, _CACHE_MIN), _CACHE_MAX))
+
+
+def pattern_read_bytes(stored_shape, chunks, itemsize) -> int:
+    """Bytes HDF5 decompresses to read one pattern: chunks overlapping it x the chunk size (contiguous: one
+    pattern)."""
+    sig = stored_shape[-2:]
+    if not chunks:
+        return math.prod(sig) * itemsize
+    n = math.prod(math.ceil(s / c) for s, c in zip(sig, chunks[-2:]))
+    return n * math.prod(chunks) * itemsize
+
+
+def check_scan_dataset(f: h5py.File, ds: h5py.Dataset, path, name: str, shape4, *, file_size: int,
+                       limits: bool = True):
+    """Limits (when ``limits``), storage and chunk layout of the dataset a scan is read from; return its
+    :class:`~polcore.io.h5safe.ChunkGuard` (or None). Nothing of the data is read."""
+    if limits:
+        check_scan_limits(shape4, ds.dtype.itemsize, path, name)
+    per_pattern = pattern_read_bytes(tuple(ds.shape), ds.chunks, ds.dtype.itemsize)
+    chunk_ok = ds.chunks is not None and math.prod(ds.chunks) * ds.dtype.itemsize <= MAX_CHUNK_BYTES
+    if per_pattern > MAX_PATTERN_READ_BYTES and chunk_ok:  # (too-big chunks get their own message below)
+        raise ScanFormatError(
+            path,
+            f"the chunk layout {ds.chunks} makes reading one pattern decompress {fmt_bytes(per_pattern)}, over "
+            f"the limit of {fmt_bytes(MAX_PATTERN_READ_BYTES)} (polcore.io.limits.MAX_PATTERN_READ_BYTES): "
+            "save with chunks of one or a few whole patterns",
+            dataset=name,
+        )
+    return check_storage(ds, path, name, file_size)
 
 
 class HDF5Scan(Scan):
@@ -421,43 +518,80 @@ class HDF5Scan(Scan):
         Calibration (``open_scan`` reads it from the file).
     name : str, optional
         Display name (default: file stem).
+
+    The file is audited first (:func:`polcore.io.h5safe.audit_file`: no external links, virtual datasets or
+    external storage anywhere in it), then the dataset's declared shape is checked against the limits of
+    :mod:`polcore.io.limits` and against the storage the file holds (:func:`polcore.io.h5safe.check_storage`).
     """
 
-    def __init__(self, path, dataset: str, *, nav_shape=None, meta: ScanMeta | None = None, name=None):
+    def __init__(self, path, dataset: str, *, nav_shape=None, meta: ScanMeta | None = None, name=None,
+                 _audited: bool = False):
         path = Path(path)
+        file_size = check_regular_file(path).st_size
         with h5open(path) as f:
-            if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
-                raise ScanFormatError(path, "no such dataset", dataset=dataset)
-            ds = f[dataset]
+            if not _audited:
+                audit_file(f, path)
+            comps, why = resolve(f, dataset)
+            obj = f["/" + "/".join(comps)] if comps is not None else None
+            if not isinstance(obj, h5py.Dataset):
+                raise ScanFormatError(path, why or "no such dataset (not a dataset)", dataset=dataset)
+            ds = obj
             shape, chunks, dtype = tuple(ds.shape), ds.chunks, ds.dtype
-        check_dtype(dtype, path, dataset)
-        self._flat = len(shape) == 3 and nav_shape is not None
-        if self._flat:
-            shape = _flat_shape(shape, nav_shape, path, dataset)
-        elif len(shape) != 4:
-            raise ScanFormatError(path, _rank_reason(shape), dataset=dataset)
-        elif nav_shape is not None and tuple(nav_shape) != tuple(shape[:2]):
-            raise ScanFormatError(
-                path,
-                f"nav_shape={tuple(nav_shape)} does not match the stored scan {shape[:2]}",
-                dataset=dataset,
-            )
-        super().__init__(path=path, name=name, shape=shape, dtype=dtype, meta=meta, dataset=dataset)
-        stored = (shape[0] * shape[1],) + shape[2:] if self._flat else shape
-        self._cache = _cache_bytes(stored, chunks, self.dtype.itemsize)
+            check_dtype(dtype, path, dataset)
+            self._flat = len(shape) == 3 and nav_shape is not None
+            if self._flat:
+                shape4 = _flat_shape(shape, nav_shape, path, dataset)
+            elif len(shape) != 4:
+                raise ScanFormatError(path, _rank_reason(shape), dataset=dataset)
+            else:
+                shape4 = shape
+                if nav_shape is not None and tuple(nav_shape) != tuple(shape[:2]):
+                    raise ScanFormatError(
+                        path,
+                        f"nav_shape={tuple(nav_shape)} does not match the stored scan {shape[:2]}",
+                        dataset=dataset,
+                    )
+            check_shape4d(shape4, path, dataset)
+            self._guard = check_scan_dataset(f, ds, path, dataset, shape4, file_size=file_size)
+        super().__init__(path=path, name=name, shape=shape4, dtype=dtype, meta=meta, dataset=dataset)
+        self._cache = _cache_bytes(shape, chunks, self.dtype.itemsize)
         self.chunks = chunks
 
     @contextmanager
-    def _reading(self):
-        f = h5open(self.path, rdcc_nbytes=self._cache, rdcc_w0=1.0, rdcc_nslots=100003)
+    def _reading(self, light: bool = False):
+        cache = min(self._cache, OPEN_CACHE_BYTES) if light else self._cache
+        f = h5open(self.path, rdcc_nbytes=cache, rdcc_w0=1.0, rdcc_nslots=100003)
         try:
             ds = f[self.dataset]
+            guard = self._guard
+            if guard is not None:
+                guard.reset()
+            ky, kx = self.sig_shape
             if self._flat:
-                yield flat_block_reader(lambda a, b: ds[a:b], self.nav_shape[1], self.sig_shape)
+
+                def frames(a, b):
+                    if guard is not None:
+                        guard.check(ds.id, (a, 0, 0), (b, ky, kx))
+                    return ds[a:b]
+
+                yield flat_block_reader(frames, self.nav_shape[1], self.sig_shape)
             else:
-                yield lambda y0, y1, x0, x1: ds[y0:y1, x0:x1]
+
+                def read_block(y0, y1, x0, x1):
+                    if guard is not None:
+                        guard.check(ds.id, (y0, x0, 0, 0), (y1, x1, ky, kx))
+                    return ds[y0:y1, x0:x1]
+
+                yield read_block
         finally:
             f.close()
+
+    def _sample_limit(self) -> int:
+        """Patterns read at open time: bounded by bytes and by what their chunks cost to decompress."""
+        n = super()._sample_limit()
+        stored = (self.n_patterns,) + self.sig_shape if self._flat else self.shape
+        per = pattern_read_bytes(stored, self.chunks, self.dtype.itemsize)
+        return max(1, min(n, (4 * MAX_PATTERN_READ_BYTES) // max(per, 1)))
 
 
 def _flat_shape(shape3, nav_shape, path, dataset=None):
@@ -480,15 +614,29 @@ def _flat_shape(shape3, nav_shape, path, dataset=None):
 
 
 def open_hdf5(path, dataset: str | None = None, nav_shape=None) -> Scan:
-    """Open an HDF5 file (any layout above) as a :class:`Scan`; see :func:`polcore.io.open_scan`."""
-    from polcore.io.arina import ArinaScan, _arina_master_for
+    """Open an HDF5 file (any layout above) as a :class:`Scan`; see :func:`polcore.io.open_scan`.
+
+    The file is audited before anything else is read from it (:func:`polcore.io.h5safe.audit_file`); the only
+    external links accepted are the ``entry/data/data_NNNNNN`` links of a DECTRIS master, which
+    :class:`~polcore.io.arina.ArinaScan` checks and opens itself.
+    """
+    from polcore.io.arina import ArinaScan, _arina_master_for, is_arina_data_link
 
     path = Path(path)
     with h5open(path) as f:
+        external = audit_file(f, path, allow_external=is_arina_data_link if dataset is None else None)
         master = _arina_master_for(path, f) if dataset is None else None
+        if master is None and external:
+            name, link = external[0]
+            raise ScanFormatError(
+                path,
+                f"external link to {link.filename!r} (path {link.path!r}): links out of the file are not "
+                "followed",
+                dataset=name,
+            )
         if master is None:
             chosen, info = _choose(f, path, dataset, nav_shape)
-            meta = _meta_for(f, chosen, info)
+            meta = sane_meta(_meta_for(f, chosen, info), path)
     if master is not None:
         return ArinaScan(master, nav_shape=nav_shape)
-    return HDF5Scan(path, chosen, nav_shape=nav_shape, meta=meta)
+    return HDF5Scan(path, chosen, nav_shape=nav_shape, meta=meta, _audited=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from os import PathLike
 from pathlib import Path
 
 from polcore.io.base import Scan
 from polcore.io.errors import ScanFormatError
+from polcore.io.files import check_regular_file, open_regular
 
 __all__ = ["open_scan", "sha256_file", "sniff_format", "SUPPORTED_FORMATS"]
 
@@ -43,11 +45,12 @@ _EXPECTED_BY_SUFFIX = {
 def sniff_format(path) -> str | None:
     """Format key from the file's first bytes (``hdf5``, ``npy``, ``mib``, ``blockfile``) or None.
 
-    The HDF5 signature is looked for at offset 0 and after a user block (512, 1024, 2048, ... bytes).
+    The HDF5 signature is looked for at offset 0 and after a user block (512, 1024, 2048, ... bytes). Only
+    regular files are opened (:func:`polcore.io.files.open_regular`).
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
         head = fh.read(16)
         if head.startswith(HDF5_SIGNATURE):
             return "hdf5"
@@ -93,6 +96,11 @@ def open_scan(path: str | PathLike, *, dataset: str | None = None, nav_shape=Non
     ScanFormatError
         For anything that cannot be read as a scan; the message names the file, the dataset if any and the
         reason. No other exception type escapes.
+
+    Files are not trusted: only regular files are opened (pipes, devices, directories, dangling or looping
+    links are refused after ``os.stat``, never opened); HDF5 files may not point outside themselves (external
+    links, virtual datasets, external storage: :mod:`polcore.io.h5safe`); declared sizes must be within
+    :mod:`polcore.io.limits` and held by the file before anything sized by them is allocated.
     """
     p = Path(path)
     try:
@@ -105,17 +113,15 @@ def open_scan(path: str | PathLike, *, dataset: str | None = None, nav_shape=Non
 
 
 def _open(p: Path, dataset, nav_shape) -> Scan:
-    if not p.exists():
-        raise ScanFormatError(p, "file not found")
-    if p.is_dir():
-        raise ScanFormatError(p, "is a directory, not a scan file")
-    size = p.stat().st_size
+    size = check_regular_file(p).st_size  # never opens a pipe, device, directory or broken link
     if size == 0:
         raise ScanFormatError(p, "empty file (0 bytes)")
     kind = sniff_format(p)
     if kind is None and p.suffix.lower() == ".hdr":
-        mib = p.with_suffix(".mib")
-        if mib.is_file() and sniff_format(mib) == "mib":
+        from polcore.io.files import sibling_file
+
+        mib = sibling_file(p, p.with_suffix(".mib"), "Merlin data file")
+        if mib is not None and sniff_format(mib) == "mib":
             logger.info("%s is a Merlin acquisition header; opening %s", p, mib.name)
             p, kind = mib, "mib"
     if kind is None and p.suffix.lower() == ".hdr":
@@ -123,7 +129,7 @@ def _open(p: Path, dataset, nav_shape) -> Scan:
             p, f"a Merlin .hdr acquisition header without its data file {p.with_suffix('.mib').name}"
         )
     if kind is None:
-        with open(p, "rb") as fh:
+        with open_regular(p) as fh:
             head = fh.read(24)
         expected = _EXPECTED_BY_SUFFIX.get(p.suffix.lower())
         hint = (
@@ -162,9 +168,14 @@ def _open(p: Path, dataset, nav_shape) -> Scan:
 
 
 def sha256_file(path: str | PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in ``chunk_bytes`` pieces (constant memory)."""
+    """SHA-256 hex digest of a file, read in ``chunk_bytes`` pieces (constant memory).
+
+    A missing file raises ``FileNotFoundError``; a pipe, device or directory :class:`ScanFormatError` (it is
+    not opened: a pipe would block).
+    """
+    os.stat(path)  # FileNotFoundError / OSError as for open()
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
+    with open_regular(path) as fh:
         buf = bytearray(chunk_bytes)
         view = memoryview(buf)
         while n := fh.readinto(buf):
