@@ -8,9 +8,31 @@ The path of a scan, from upload to map::
     ingest_scan: open_scan (metadata only) → load the CHOSEN checkpoints → scan row 'ingesting'
       → polcore.infer.predict_scan_many: ONE pass over the file; the preprocessing of each group of models
         is fitted on the first patterns of that pass, then every batch goes through every model
-      → per model: features (npz) → per-pattern run → per-cell run (pooled log-probabilities)
-      → scan row 'ready'.   On any failure: 'failed', then everything this call wrote is removed
-        (runs, the scan row when it was new, model rows it registered), so the store is as it was.
+      → per model: features (npz, to a temporary name) and the per-pattern and per-cell runs (pooled
+        log-probabilities)
+      → ONE transaction: the new model rows, every run of every model (both layers), the features moved to
+        their names, the scan row 'ready'.   On any failure: 'failed', then the scan row is removed if this
+        ingest created it; nothing else was committed, so the store is as it was.
+
+Atomic across processes and crashes
+-----------------------------------
+* The scan row is claimed ('ingesting') under an owner ``host:pid:start-token`` (:mod:`polcore.store.locking`)
+  and kept alive by a heartbeat thread (every :data:`~polcore.store.locking.HEARTBEAT_S` s). Runs and model
+  rows are written only in the final transaction (:meth:`PredictionStore.write_runs`), which also checks that
+  the row is still this ingest's, so a ``kill -9`` at any moment leaves either the store as it was plus an
+  'ingesting' row of a dead owner, or the finished ingest. Feature files are written before that commit;
+  orphans of a crash are harmless (the next ingest removes them with their scan, or overwrites them).
+* Every ingest starts with :func:`cleanup_stale_ingests`: 'ingesting' / 'failed' rows whose owner is dead
+  (same host: the pid is gone; another host: heartbeat older than
+  :data:`~polcore.store.locking.STALE_AFTER_S` s) are removed with their runs and feature files, logged as a
+  warning.
+* A rollback removes a scan row only while this ingest still owns it. A second ingest of the same file while
+  the first one lives waits for it (polling; ``wait_s``, then a one-line :class:`StoreBusyError` naming the
+  other process) and never touches its row; when the first finishes it finds the scan stored, when the first
+  dies it cleans up and ingests the file itself.
+* Tests stop a child ingest at a given moment with ``POLBENCH_TEST_PAUSE_AT=<moment>`` and
+  ``POLBENCH_TEST_PAUSE_FILE=<path>`` (see :data:`PAUSE_MOMENTS`): the first process to reach the moment
+  creates the file (with its pid) and sleeps there, so that the test can ``kill -9`` it exactly there.
 
 Why the CLI hashes in a separate pass: the sha256 decides, before any model runs, whether this file is already
 stored (a re-ingest then costs nothing). Hashing reads the file sequentially at disk speed (~1 GB/s), which is
@@ -22,6 +44,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +58,19 @@ from polcore.naming import model_name, model_variant
 from polcore.progress import Progress, report
 
 __all__ = ["CHECKPOINT_SUFFIXES", "checkpoints", "available_models", "load_models", "register_models",
-           "ingest_scan", "IngestResult"]
+           "ingest_scan", "IngestResult", "cleanup_stale_ingests", "PAUSE_MOMENTS", "INGEST_WAIT_S"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pt", ".npz")
 #: Pseudo-cubic lattice constant of KNN [nm]: the cell period of a calibrated scan is this over the step.
 KNN_LATTICE_NM = 0.395
+#: Seconds a second ingest of the same file waits for the live process that is ingesting it.
+INGEST_WAIT_S = 3600.0
+#: Where ``POLBENCH_TEST_PAUSE_AT`` can stop an ingest: after the scan row is claimed, after inference, after
+#: the feature files are written (temporary names), inside the final transaction (runs written, features
+#: moved, not committed), after the commit.
+PAUSE_MOMENTS = ("scan_row", "inference", "features", "transaction", "commit")
 
 
 def checkpoints(model_dir=None) -> list[Path]:
@@ -56,8 +88,9 @@ def available_models(model_dir=None) -> dict[str, Path]:
     for p in checkpoints(model_dir):
         try:
             out[model_name(read_checkpoint_meta(p))] = p
-        except Exception:  # noqa: BLE001 - a foreign file in the folder is skipped, not fatal
-            log.warning("skipping %s: not a readable polbench checkpoint", p, exc_info=True)
+        except Exception as err:  # noqa: BLE001 - a foreign file in the folder is skipped, not fatal
+            log.warning("skipping %s: not a readable polbench checkpoint (%s: %s)", p, type(err).__name__, err)
+            log.debug("reading %s failed", p, exc_info=True)
     return out
 
 
@@ -93,20 +126,23 @@ def _choose(model_names, model_dir, models) -> dict:
     return models
 
 
+def _model_spec(name: str, model, meta: dict, path) -> dict:
+    """The :meth:`PredictionStore.add_model` keywords of a loaded checkpoint."""
+    cfg = meta.get("train_config") or meta.get("config") or {}
+    return dict(
+        name=name, family=meta["family"], head=meta["head"], variant=model_variant(meta), seed=cfg.get("seed"),
+        config={k: meta.get(k) for k in ("train_config", "model_cfg", "preprocessing", "versions",
+                                            "library_sha256", "best_epoch") if k in meta},
+        checkpoint_path=str(path), library_sha256=meta.get("library_sha256"),
+        train_seconds=meta.get("train_seconds"),
+        n_params=int(model.n_parameters()) if hasattr(model, "n_parameters") else None,
+    )
+
+
 def register_models(store, models: dict) -> dict[str, int]:
-    """Add the models to the store (an existing name keeps its row); name -> model_id."""
-    ids = {}
-    for name, (model, meta, path) in models.items():
-        cfg = meta.get("train_config") or meta.get("config") or {}
-        ids[name] = store.add_model(
-            name=name, family=meta["family"], head=meta["head"], variant=model_variant(meta), seed=cfg.get("seed"),
-            config={k: meta.get(k) for k in ("train_config", "model_cfg", "preprocessing", "versions",
-                                                "library_sha256", "best_epoch") if k in meta},
-            checkpoint_path=str(path), library_sha256=meta.get("library_sha256"),
-            train_seconds=meta.get("train_seconds"),
-            n_params=int(model.n_parameters()) if hasattr(model, "n_parameters") else None,
-        )
-    return ids
+    """Add the models to the store (an existing name keeps its row); name -> model_id. (An ingest registers
+    its models in its final transaction instead.)"""
+    return {name: store.add_model(**_model_spec(name, *entry)) for name, entry in models.items()}
 
 
 def _scan_row(path: Path, scan, gt: dict | None, gt_attrs: dict, *, name, kind, dataset, sha256) -> dict:
@@ -140,7 +176,7 @@ class IngestResult:
 
 def ingest_scan(path, model_names=None, db_path=None, *, progress: Progress | None = None, name=None,
                 kind="experimental", dataset=None, model_dir=None, models=None, batch_size=256,
-                sha256: str | None = None) -> int:
+                sha256: str | None = None, wait_s: float = INGEST_WAIT_S) -> int:
     """Read a scan once, run the chosen models, store their predictions; returns the scan id.
 
     Parameters
@@ -154,20 +190,28 @@ def ingest_scan(path, model_names=None, db_path=None, *, progress: Progress | No
     models : preloaded :func:`load_models` dict (nothing is loaded then).
     sha256 : the file's sha256 when the caller already has it (an upload hashes while saving); None = hash
         the file here.
+    wait_s : while another live process ingests the same file, wait up to this many seconds for it (then
+        :class:`polcore.store.StoreBusyError`; 0 = refuse at once).
 
-    Re-ingesting a stored file with stored models adds nothing. A failure leaves the store as it was.
+    Re-ingesting a stored file with stored models adds nothing. A failure, or a killed process, leaves the
+    store as it was (after the next ingest's cleanup, see the module docstring).
     """
     return ingest(path, model_names, db_path, progress=progress, name=name, kind=kind, dataset=dataset,
-                  model_dir=model_dir, models=models, batch_size=batch_size, sha256=sha256).scan_id
+                  model_dir=model_dir, models=models, batch_size=batch_size, sha256=sha256,
+                  wait_s=wait_s).scan_id
 
 
 def ingest(path, model_names=None, db_path=None, *, progress: Progress | None = None, name=None,
            kind="experimental", dataset=None, model_dir=None, models=None, batch_size=256,
-           sha256: str | None = None) -> IngestResult:
-    """:func:`ingest_scan` returning an :class:`IngestResult`."""
+           sha256: str | None = None, wait_s: float = INGEST_WAIT_S) -> IngestResult:
+    """:func:`ingest_scan` returning an :class:`IngestResult`.
+
+    ``wait_s``: how long to wait while another live process ingests the same file (0: refuse at once).
+    """
     from polcore.io import open_scan, read_ground_truth, sha256_file
     from polcore.io.ground_truth import ground_truth_attrs
-    from polcore.store import PredictionStore, queries
+    from polcore.store import PredictionStore
+    from polcore.store.locking import new_owner, release_owner
 
     progress = report(progress)
     path = Path(path)
@@ -178,55 +222,186 @@ def ingest(path, model_names=None, db_path=None, *, progress: Progress | None = 
     row = _scan_row(path, scan, gt, ground_truth_attrs(path), name=name, kind=kind, dataset=dataset,
                     sha256=(sha256 or sha256_file(path)).lower())
     store = PredictionStore(db_path)
-    known_models = set(queries.list_models(store)["name"])
-    existing = queries.scan_by_sha256(store, row["sha256"])
-    ids = register_models(store, models)
-    new_models = [ids[n] for n in models if n not in known_models]
-    scan_id = int(existing["scan_id"]) if existing else store.add_scan(**row, status="ingesting")
-    written: list[int] = []
+    cleanup_stale_ingests(db_path, store=store)
+    owner = new_owner()
     try:
-        _run_models(store, scan_id, scan, gt, path, models, ids, db_path, progress, batch_size, written)
-        if not existing:
-            store.set_scan_status(scan_id, "ready")
+        return _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s)
+    finally:
+        release_owner(owner)
+
+
+def _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s):
+    claim = _claim(store, row, owner, path, db_path, wait_s, progress)
+    new_scan = claim.state == "claimed"
+    scan_id = claim.scan_id
+    heartbeat = _Heartbeat(store, scan_id, owner) if new_scan else None
+    temps: list[Path] = []
+    try:
+        _pause("scan_row")
+        written = _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch_size, temps,
+                              owner=owner if new_scan else None)
     except BaseException:
-        _roll_back(store, scan_id, new_scan=not existing, run_ids=written, model_ids=new_models, path=path)
-        raise
-    return IngestResult(scan_id=scan_id, new_scan=not existing, run_ids=written)
-
-
-def _roll_back(store, scan_id: int, *, new_scan: bool, run_ids: list[int], model_ids: list[int], path) -> None:
-    """Undo what a failed ingest wrote; the scan row is marked 'failed' first, so that a rollback that fails in
-    turn leaves a row the pages never show."""
-    try:
+        if heartbeat is not None:
+            heartbeat.stop()
+        for t in temps:
+            t.unlink(missing_ok=True)
         if new_scan:
-            store.set_scan_status(scan_id, "failed")
-            store.delete_scan(scan_id)
-        elif run_ids:
-            store.delete_runs(run_ids)
-        if model_ids:
-            store.delete_models(model_ids, only_unused=True)
-        log.info("rolled back the failed ingest of %s (scan %d)", path, scan_id)
-    except Exception:  # noqa: BLE001 - report the original failure, not the rollback's
-        log.exception("rollback of the failed ingest of %s (scan %d) failed", path, scan_id)
+            _roll_back(store, scan_id, owner, db_path, path)
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+    _pause("commit")
+    progress(1.0, f"stored {len(written)} run(s) for scan {scan_id}" if written else "already ingested")
+    return IngestResult(scan_id=scan_id, new_scan=new_scan, run_ids=written)
 
 
-def _run_models(store, scan_id, scan, gt, path, models, ids, db_path, progress, batch_size, written):
+def cleanup_stale_ingests(db_path=None, *, store=None) -> list[int]:
+    """Remove what dead ingests left: their 'ingesting' / 'failed' scan rows with their runs
+    (:meth:`PredictionStore.cleanup_stale_ingests`, logged), those scans' feature files, and temporary feature
+    files of dead processes of this host. Returns the removed scan ids. Runs at the start of every ingest."""
+    from polcore.store import PredictionStore
+
+    db_path = Path(db_path) if db_path is not None else settings.db_path()
+    store = store if store is not None else PredictionStore(db_path)
+    removed = store.cleanup_stale_ingests()
+    _remove_features(db_path, removed)
+    return removed
+
+
+def _remove_features(db_path: Path, scan_ids) -> None:
+    """Remove the feature files of scans that are no longer stored, and the temporary feature files of dead
+    processes of this host."""
+    from polcore.store.locking import pid_alive
+
+    fdir = settings.features_dir(db_path)
+    if not fdir.is_dir():
+        return
+    for sid in scan_ids:
+        for f in fdir.glob(f"scan{int(sid)}_model*.npz"):
+            f.unlink(missing_ok=True)
+    host = socket.gethostname()
+    for f in fdir.glob(".scan*.tmp"):  # .scan<S>~<host>~<pid>~<nonce>~<i>.tmp
+        parts = f.name.split("~")
+        if len(parts) == 5 and parts[1] == host and parts[2].isdigit() and int(parts[2]) != os.getpid() \
+                and not pid_alive(int(parts[2]))[0]:
+            f.unlink(missing_ok=True)
+
+
+def _claim(store, row: dict, owner: str, path: Path, db_path: Path, wait_s: float, progress):
+    """Claim the scan row, waiting (polling) while another live process holds it."""
+    from polcore.store import StoreBusyError
+
+    deadline = time.monotonic() + max(0.0, float(wait_s))
+    delay, told = 0.2, None
+    while True:
+        try:
+            claim = store.claim_scan(owner=owner, **row)
+        except StoreBusyError as err:  # the other ingest is inside its final transaction
+            claim, holder = None, f"a process holding the database ({err.__class__.__name__})"
+        else:
+            if claim.removed is not None:  # a dead ingest of this file, removed just now
+                _remove_features(db_path, [claim.removed])
+            if claim.state != "busy":
+                return claim
+            holder = claim.holder
+        if time.monotonic() >= deadline:
+            waited = f"; gave up after waiting {wait_s:.0f} s" if wait_s > 0 else ""
+            raise StoreBusyError(
+                f"{path.name} is being ingested by another process ({holder}) into {store.path}{waited}: "
+                "retry when it has finished"
+            )
+        if told != holder:
+            log.warning("%s is being ingested by another process (%s): waiting up to %.0f s for it",
+                        path.name, holder, max(0.0, deadline - time.monotonic()))
+            progress(0.0, f"waiting: {holder} is ingesting this file")
+            told = holder
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 1.0)
+
+
+class _Heartbeat:
+    """A daemon thread that refreshes the claimed scan row's ``heartbeat_at`` every HEARTBEAT_S seconds."""
+
+    def __init__(self, store, scan_id: int, owner: str):
+        from polcore.store.locking import HEARTBEAT_S
+
+        self._store, self._scan_id, self._owner, self._every = store, scan_id, owner, HEARTBEAT_S
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"ingest-heartbeat-{scan_id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                if not self._store.heartbeat(self._scan_id, self._owner):
+                    log.warning("scan %d is no longer held by this ingest (%s)", self._scan_id, self._owner)
+                    return
+            except Exception as err:  # noqa: BLE001 - a missed heartbeat is not fatal; the next one retries
+                log.debug("heartbeat of scan %d failed: %s", self._scan_id, err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+
+
+def _pause(moment: str) -> None:
+    """Test hook: with POLBENCH_TEST_PAUSE_AT=<moment> and POLBENCH_TEST_PAUSE_FILE=<path>, the first process to
+    reach ``moment`` creates the file (its pid inside) and sleeps, so that a test can kill it exactly here."""
+    if os.environ.get("POLBENCH_TEST_PAUSE_AT") != moment:
+        return
+    flag = os.environ.get("POLBENCH_TEST_PAUSE_FILE")
+    if not flag:
+        return
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # another process paused here already
+    os.write(fd, f"{os.getpid()} {moment}".encode())
+    os.close(fd)
+    while True:
+        time.sleep(60)
+
+
+def _roll_back(store, scan_id: int, owner: str, db_path: Path, path) -> None:
+    """Undo a failed ingest: remove its scan row (marked 'failed' first) while this ingest still owns it, and
+    that scan's feature files. Nothing else was committed (runs and model rows are written only by the final
+    transaction)."""
+    try:
+        if store.abandon_ingest(scan_id, owner):
+            _remove_features(db_path, [scan_id])
+            log.info("rolled back the failed ingest of %s (scan %d)", path, scan_id)
+    except Exception as err:  # noqa: BLE001 - report the original failure, not the rollback's
+        log.error("rollback of the failed ingest of %s (scan %d) failed: %s (the next ingest removes it)",
+                  path, scan_id, err)
+
+
+def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch_size, temps, *, owner):
+    """Run the models that lack a run on the scan and commit all their runs in one transaction; the run ids."""
     from polcore.analysis import estimate_cell_px, irregularity, pool_scan
     from polcore.infer import predict_scan_many
     from polcore.store import queries
 
     info = queries.scan_info(store, scan_id)
     period = info.get("cell_px")
+    stored = queries.list_models(store)
+    known = {str(n): int(m) for n, m in zip(stored["name"], stored["model_id"])}
+
+    def has(n, layer="pattern"):
+        return n in known and store.has_run(known[n], scan_id, layer)
+
     # a cell run is owed only where the lattice period is known before inference (calibration); for an
     # uncalibrated scan whose periodicity shows no lattice, a re-ingest must not rerun the models every time
-    todo = [n for n in models
-            if not store.has_run(ids[n], scan_id) or (period is not None and not store.has_run(ids[n], scan_id, "cell"))]
+    todo = [n for n in models if not has(n) or (period is not None and not has(n, "cell"))]
     if not todo:
-        progress(1.0, "already ingested")
-        return
+        if owner is not None:  # a claimed row with nothing to run: just mark it ready
+            store.write_runs(scan_id, [], owner=owner, set_status="ready")
+        return []
     progress(0.0, f"running {len(todo)} model(s) on {Path(path).name}")
     results = predict_scan_many(scan, [models[n][0] for n in todo], batch_size=batch_size,
                                 progress=lambda f, m: progress(0.9 * f, m))
+    _pause("inference")
     period_source = "calibration" if period is not None else None
     if period is None:
         period, prominence = estimate_cell_px(results[0].com)
@@ -235,26 +410,43 @@ def _run_models(store, scan_id, scan, gt, path, models, ids, db_path, progress, 
             log.warning("%s: no lattice period (no calibration, no clear periodicity): no unit-cell layer", path)
     fdir = settings.features_dir(db_path)
     fdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{socket.gethostname()}~{os.getpid()}~{os.urandom(4).hex()}"
+    runs, feature_tmp = [], {}
     for i, (n, res) in enumerate(zip(todo, results)):
+        # the features go to a temporary name now and to their own name inside the final transaction
+        tmp = fdir / f".scan{scan_id}~{tag}~{i}.tmp"
+        temps.append(tmp)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, pos=res.sample_pos, features=res.features, inputs=res.inputs)
+        feature_tmp[n] = tmp
         irr = irregularity(res.pred, res.probs, period_px=period)
         cfg = dict(batch_size=batch_size, preprocessing=res.preprocess, cell_px=period, cell_px_source=period_source)
-        # the features first: a run that exists always has its features
-        np.savez(fdir / f"scan{scan_id}_model{ids[n]}.npz", pos=res.sample_pos, features=res.features,
-                 inputs=res.inputs)
-        if not store.has_run(ids[n], scan_id):
-            written.append(store.write_run(ids[n], scan_id, _prediction_frame(res, gt, irr), seconds=res.seconds,
-                                           device=res.device, config=cfg))
-        if period is not None and not store.has_run(ids[n], scan_id, "cell"):
+        model = {"model_id": known[n]} if n in known else {"model": n}
+        if not has(n):
+            runs.append(dict(model, predictions=_prediction_frame(res, gt, irr), seconds=res.seconds,
+                             device=res.device, config=cfg))
+        if period is not None and not has(n, "cell"):
             cells = pool_scan(res.probs, period)
             cres = copy.copy(res)
             cres.pred, cres.probs, cres.confidence = cells["pred"], cells["probs"], cells["confidence"]
             cirr = irregularity(cres.pred, cres.probs, period_px=period)
-            written.append(store.write_run(
-                ids[n], scan_id, _prediction_frame(cres, gt, cirr), seconds=res.seconds, device=res.device,
-                config={**cfg, "pooling": "sum of log-probabilities per cell block", "n_cells": cells["n_cells"]},
-                layer="cell"))
-        progress(0.9 + 0.1 * (i + 1) / len(todo), f"stored {n}")
-    progress(1.0, f"stored {len(todo)} model(s) for scan {scan_id}")
+            runs.append(dict(model, predictions=_prediction_frame(cres, gt, cirr), seconds=res.seconds,
+                             device=res.device, layer="cell",
+                             config={**cfg, "pooling": "sum of log-probabilities per cell block",
+                                     "n_cells": cells["n_cells"]}))
+        progress(0.9 + 0.09 * (i + 1) / len(todo), f"prepared {n}")
+    _pause("features")
+    specs = [_model_spec(n, *models[n]) for n in todo if n not in known]
+
+    def move_features(model_ids: dict[str, int], run_ids: list[int]) -> None:
+        # inside the transaction, before COMMIT: a committed run always has its features
+        for n, tmp in feature_tmp.items():
+            os.replace(tmp, fdir / f"scan{scan_id}_model{known.get(n, model_ids.get(n))}.npz")
+        _pause("transaction")
+
+    progress(0.995, f"writing {len(runs)} run(s) of {len(todo)} model(s) in one transaction")
+    return store.write_runs(scan_id, runs, models=specs, owner=owner, set_status="ready" if owner else None,
+                            before_commit=move_features)
 
 
 def _prediction_frame(res, gt, irregular: np.ndarray) -> dict:

@@ -3,14 +3,20 @@
 Tables
 ------
 ``schema_version(version, applied_at)``
-    One row per schema version applied to the file.
+    One row per schema version applied to the file (a store migrated from version 2 holds 2 and 3).
+``polbench_store(marker, created_at)``
+    The marker that makes a DuckDB file a polbench store: one row ``marker = STORE_MARKER``. The store opens
+    only files that carry it (or the layout of a version-2 store, written before the marker existed, which is
+    migrated in place); any other DuckDB file is refused and left untouched.
 ``scans``
     One row per scan file, unique by the file's ``sha256``. ``kind`` is one of :data:`SCAN_KINDS`;
     ``dataset`` is the benchmark row the scan belongs to (e.g. ``'synthetic 20 nm'``); ``ny, nx`` probe
     positions, ``ky, kx`` detector pixels; ``step_nm`` probe step [nm]; ``thickness_nm`` nominal
     thickness [nm] (NULL when unknown or varying); ``cell_px`` lattice period in scan pixels (NULL when
     unknown); ``meta_json`` anything else (calibration, composer config) as JSON text; ``status`` one of
-    :data:`SCAN_STATUSES`.
+    :data:`SCAN_STATUSES`. ``owner`` (``host:pid:start-token``) names the ingest that holds an 'ingesting'
+    row and ``heartbeat_at`` is when that ingest last said it was alive; a row whose owner is dead is removed
+    by the next ingest (:meth:`polcore.store.PredictionStore.cleanup_stale_ingests`).
 ``models``
     One row per trained model, unique by ``name``; ``config_json`` the full training config as JSON text,
     ``library_sha256`` the pattern library it was trained on, ``train_seconds`` [s].
@@ -49,6 +55,10 @@ from __future__ import annotations
 
 __all__ = [
     "SCHEMA_VERSION",
+    "LEGACY_VERSIONS",
+    "STORE_MARKER",
+    "LEGACY_TABLES",
+    "ADDED_SCAN_COLUMNS",
     "LAYERS",
     "SCAN_KINDS",
     "SCAN_STATUSES",
@@ -59,7 +69,16 @@ __all__ = [
 ]
 
 #: Version of the layout below; stored in ``schema_version``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Older versions this code still reads (read-only) and migrates in place when the store is opened for writing.
+LEGACY_VERSIONS: tuple[int, ...] = (2,)
+#: The ``polbench_store.marker`` value that identifies a polbench prediction store.
+STORE_MARKER = "polbench prediction store"
+#: Tables that a version-2 store (written before the marker existed) always has: together with
+#: ``schema_version`` at version 2 they identify such a file.
+LEGACY_TABLES: tuple[str, ...] = ("schema_version", "scans", "models", "runs", "predictions", "id_counters")
+#: Columns added to ``scans`` by version 3 (``ALTER TABLE scans ADD COLUMN`` when migrating a version-2 store).
+ADDED_SCAN_COLUMNS: tuple[tuple[str, str], ...] = (("owner", "VARCHAR"), ("heartbeat_at", "TIMESTAMP"))
 
 #: Valid ``scans.kind`` values.
 SCAN_KINDS: tuple[str, ...] = ("synthetic", "pseudo_experimental", "experimental")
@@ -76,6 +95,7 @@ EMBEDDING_SPACES: tuple[str, ...] = ("input", "features")
 #: Tables in creation order (also the order used to dump or compare a store).
 TABLES: tuple[str, ...] = (
     "schema_version",
+    "polbench_store",
     "scans",
     "models",
     "runs",
@@ -100,6 +120,10 @@ DDL: tuple[str, ...] = (
         version INTEGER NOT NULL,
         applied_at TIMESTAMP NOT NULL
     )""",
+    """CREATE TABLE IF NOT EXISTS polbench_store (
+        marker VARCHAR NOT NULL,
+        created_at TIMESTAMP NOT NULL
+    )""",
     f"""CREATE TABLE IF NOT EXISTS scans (
         scan_id INTEGER PRIMARY KEY,
         name VARCHAR NOT NULL,
@@ -117,7 +141,9 @@ DDL: tuple[str, ...] = (
         has_ground_truth BOOLEAN NOT NULL,
         meta_json VARCHAR,
         created_at TIMESTAMP NOT NULL,
-        status VARCHAR NOT NULL CHECK (status IN {_in(SCAN_STATUSES)})
+        status VARCHAR NOT NULL CHECK (status IN {_in(SCAN_STATUSES)}),
+        owner VARCHAR,
+        heartbeat_at TIMESTAMP
     )""",
     """CREATE TABLE IF NOT EXISTS models (
         model_id INTEGER PRIMARY KEY,

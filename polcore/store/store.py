@@ -27,6 +27,20 @@ predictions are bulk-inserted from an Arrow table (``INSERT ... SELECT``, never 
 is set to ``'finished'`` last. An exception or a killed process before ``COMMIT`` leaves the store exactly as
 it was (DuckDB writes nothing to its WAL before commit; blocks written optimistically are freed).
 
+An ingest writes all its runs (every model, both layers), the model rows it needs and its scan's change to
+'ready' in ONE transaction (:meth:`PredictionStore.write_runs`). Its scan row is claimed first, as
+'ingesting' under an owner ``host:pid:start-token`` with a heartbeat (:meth:`PredictionStore.claim_scan`,
+:mod:`polcore.store.locking`); a rollback removes the row only while it is still the caller's
+(:meth:`PredictionStore.abandon_ingest`), a second ingest of the same file waits while the owner lives, and
+rows of dead owners are removed by :meth:`PredictionStore.cleanup_stale_ingests` (logged).
+
+Only polbench's own files are opened: an existing path must be a DuckDB file that carries the
+``polbench_store`` marker (or the layout of a version-2 store, migrated in place when opened for writing).
+Directories, empty, text, HDF5 and truncated files and other programs' DuckDB databases are refused with a
+one-line :class:`StoreError` before anything is written: they are inspected with a read-only connection
+only. A new store is built in a temporary file and hard-linked into place, so a path never holds a
+half-created store.
+
 Every SQL statement goes through :class:`StoreConnection`, which binds values as ``?`` parameters and
 re-raises DuckDB errors as :class:`StoreError` carrying the SQL. This module imports neither torch nor
 streamlit.
@@ -45,12 +59,13 @@ import math
 import os
 import random
 import re
+import secrets
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
@@ -76,19 +91,30 @@ from polcore.store.frames import (
     _prediction_columns,
     _predictions_arrow,
 )
-from polcore.store.locking import _is_lock_conflict, _process_lock
+from polcore.store.locking import (
+    STALE_AFTER_S,
+    _is_lock_conflict,
+    _process_lock,
+    owner_alive,
+    pid_alive,
+)
 from polcore.store.schema import (
+    ADDED_SCAN_COLUMNS,
     DDL,
     EMBEDDING_SPACES,
+    LEGACY_TABLES,
+    LEGACY_VERSIONS,
     SCAN_KINDS,
     SCAN_STATUSES,
     SCHEMA_VERSION,
+    STORE_MARKER,
     TABLES,
 )
 from polcore.types import N_CLASSES
 
 __all__ = [
     "PredictionStore",
+    "ScanClaim",
     "StoreConnection",
     "StoreError",
     "StoreBusyError",
@@ -99,6 +125,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_DUCKDB_HEADER = 3 * 4096  # main header + two database headers, then the blocks
+_SCAN_STATUS_KEEP = ("ingesting", "failed")  # statuses whose rows belong to a (maybe dead) ingest
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line (DuckDB's messages may span several)."""
+    return " ".join(str(text).split())
+
+
+class ScanClaim(NamedTuple):
+    """What :meth:`PredictionStore.claim_scan` found: ``state`` is 'claimed' (a new 'ingesting' row now
+    owned by the caller), 'stored' (the scan is stored and ready) or 'busy' (another live process,
+    ``holder``, is ingesting it). ``removed``: the id of a row of a dead ingest of the same file that was
+    removed first (its feature files are the caller's to remove), else None."""
+
+    scan_id: int
+    state: str
+    holder: str | None
+    removed: int | None = None
 
 
 class PredictionStore:
@@ -108,7 +154,9 @@ class PredictionStore:
     ----------
     path : str or PathLike
         Database file. Created (with its parent folder and the schema) on construction unless
-        ``read_only``.
+        ``read_only``. An existing file must be a polbench store: anything else (another program's DuckDB
+        database, a directory, an empty, text, HDF5 or truncated file) raises a one-line
+        :class:`StoreError` and is left untouched; a version-2 store is migrated in place.
     read_only : bool
         Only read; write methods raise :class:`StoreError`. The file is not touched on construction: use
         :meth:`exists` before reading; reading a missing file raises :class:`StoreNotFoundError`.
@@ -130,8 +178,7 @@ class PredictionStore:
         self._jitter = random.Random(os.getpid())
         self._schema_ok = False
         if not self.read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._ensure_schema()
+            self._open_for_writing()
 
     def __repr__(self) -> str:
         mode = "read-only" if self.read_only else "read-write"
@@ -147,8 +194,10 @@ class PredictionStore:
         if not self.path.is_file():
             return False
         try:
+            self._inspect_file()
             with self._connect(True, check_schema=False) as con:
-                return con.scalar("SELECT count(*) FROM schema_version") > 0
+                self._check_complete(con)
+                return self._store_kind(con)[0] != "foreign"
         except StoreBusyError:
             return True  # a writer holds it: it exists
         except StoreError:
@@ -170,7 +219,9 @@ class PredictionStore:
                 if read_only and "does not exist" in str(err):
                     continue  # removed between the check and the open: reported above
                 if not _is_lock_conflict(err):
-                    raise StoreError(f"cannot open {self.path}: {type(err).__name__}: {err}") from err
+                    raise StoreError(
+                        f"cannot open {self.path} as a prediction store: {_one_line(str(err))}"
+                    ) from err
                 attempts += 1
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -200,6 +251,8 @@ class PredictionStore:
     def _connect(self, read_only: bool, *, check_schema: bool) -> Iterator[StoreConnection]:
         if not read_only and self.read_only:
             raise StoreError(f"{self!r} was opened read-only: cannot open a read-write connection")
+        if check_schema and not self._schema_ok:
+            self._inspect_file()  # a directory, text, HDF5 or truncated file: a clear error, nothing opened
         deadline = time.monotonic() + self.lock_timeout
         lock = _process_lock(self.path)
         if not lock.acquire(not read_only, self.lock_timeout):
@@ -242,22 +295,185 @@ class PredictionStore:
 
     # ------------------------------------------------------------------------------------------- schema
 
-    def _ensure_schema(self) -> None:
-        with self.transaction() as con:
-            for stmt in DDL:
-                con.execute(stmt)
-            version = con.scalar("SELECT max(version) FROM schema_version")
-            if version is None:
-                con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, _now()])
-                log.info("created prediction store %s (schema version %d)", self.path, SCHEMA_VERSION)
-            else:
+    def _inspect_file(self) -> None:
+        """Refuse, with a one-line :class:`StoreError` and without opening it, a path that exists but cannot
+        be a DuckDB database: a directory, an empty, text, HDF5 or truncated file. A missing path passes."""
+        p = self.path
+        if p.is_dir():
+            raise StoreError(
+                f"{p} is a directory, not a polbench prediction store (give a database file, e.g. "
+                f"{p / 'polbench.duckdb'})"
+            )
+        if not p.exists():
+            if os.path.lexists(p):
+                raise StoreError(f"{p} is a broken symbolic link, not a polbench prediction store")
+            return
+        if not p.is_file():
+            raise StoreError(f"{p} is not a regular file, so not a polbench prediction store")
+        try:
+            with open(p, "rb") as fh:
+                head = fh.read(_DUCKDB_HEADER)
+                size = os.fstat(fh.fileno()).st_size
+        except OSError as err:
+            raise StoreError(f"cannot read {p}: {err.strerror or err}") from err
+        if size == 0:
+            raise StoreError(
+                f"{p} is an empty file, not a polbench prediction store (remove it to create a new store there)"
+            )
+        if head.startswith(_HDF5_MAGIC):
+            raise StoreError(f"{p} is an HDF5 file (a scan?), not a polbench prediction store (a DuckDB file)")
+        if head[8:12] != b"DUCK":
+            raise StoreError(f"{p} is not a DuckDB database, so not a polbench prediction store")
+        if size < _DUCKDB_HEADER:
+            raise StoreError(f"{p} is a truncated DuckDB file ({size} bytes, less than its headers)")
+
+    def _check_complete(self, con: StoreConnection) -> None:
+        """Refuse a truncated file whose headers survived: every block it uses, metadata and each table's data
+        (``pragma_storage_info``: about 0.1 s per GB, once per store object), must lie inside the file."""
+        try:
+            size = os.path.getsize(self.path)
+            block = con.scalar("SELECT block_size FROM pragma_database_size()")
+            top = con.scalar("SELECT max(block_id) FROM pragma_metadata_info()")
+            for (table,) in con.fetchall(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
+            ):
+                last = con.scalar(
+                    "SELECT max(greatest(block_id, coalesce(list_max(additional_block_ids), -1))) "
+                    "FROM pragma_storage_info(?)",
+                    [table],
+                )
+                if last is not None and (top is None or last > top):
+                    top = last
+        except (StoreError, OSError):  # a DuckDB without these functions: nothing to check with
+            return
+        if block and top is not None and size < _DUCKDB_HEADER + (int(top) + 1) * int(block):
+            raise StoreError(
+                f"{self.path} is a truncated DuckDB file ({size} bytes; its block {top} lies beyond the end)"
+            )
+
+    def _store_kind(self, con: StoreConnection) -> tuple[str, int | None, set[str]]:
+        """('polbench' | 'legacy' | 'foreign', schema version, table names) of an open file.
+
+        'polbench': the marker row is there; 'legacy': the layout of a store written before the marker
+        existed (``schema_version`` below :data:`SCHEMA_VERSION` and the store's tables); anything else is
+        'foreign'.
+        """
+        tables: set[str] = set()
+        try:
+            tables = {
+                r[0]
+                for r in con.fetchall(
+                    "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                    "AND schema_name = 'main'"
+                )
+            }
+            if "polbench_store" in tables and "schema_version" in tables:
+                if con.scalar("SELECT count(*) FROM polbench_store WHERE marker = ?", [STORE_MARKER]):
+                    return "polbench", con.scalar("SELECT max(version) FROM schema_version"), tables
+                return "foreign", None, tables
+            if set(LEGACY_TABLES) <= tables:
+                version = con.scalar("SELECT max(version) FROM schema_version")
+                if isinstance(version, int) and version < SCHEMA_VERSION:
+                    return "legacy", version, tables
+        except StoreError:  # a table of that name with other columns: not ours
+            pass
+        return "foreign", None, tables
+
+    def _foreign(self, tables: set[str]) -> StoreError:
+        if not tables:
+            return StoreError(
+                f"{self.path} is an empty DuckDB database, not a polbench prediction store (no polbench_store "
+                "marker); it was left untouched: remove it to create a new store there"
+            )
+        return StoreError(
+            f"{self.path} is a DuckDB database but not a polbench prediction store (no polbench_store "
+            "marker); refusing to open it, it was left untouched"
+        )
+
+    def _open_for_writing(self) -> None:
+        """Check (read-only) an existing file, migrate it in place if it is older, or create a new store."""
+        if not os.path.lexists(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._create():
+                self._schema_ok = True
+                return
+        self._inspect_file()
+        with self._connect(True, check_schema=False) as con:
+            self._check_complete(con)
+            kind, version, tables = self._store_kind(con)
+        if kind == "foreign":
+            raise self._foreign(tables)
+        self._check_version(version)
+        if kind == "legacy" or not set(TABLES) <= tables:
+            with self.transaction() as con:  # another process may have migrated it meanwhile: _apply_schema checks
+                kind, version, tables = self._store_kind(con)
+                if kind == "foreign":
+                    raise self._foreign(tables)
                 self._check_version(version)
+                self._apply_schema(con, version)
         self._schema_ok = True
 
+    def _create(self) -> bool:
+        """Create a new store atomically: the schema is written into a temporary file in the same folder,
+        which is then hard-linked to the path (never over an existing file). False when another process
+        created the path first (the caller then opens that one)."""
+        p = self.path
+        for old in p.parent.glob(f".{p.name}.*.creating"):  # left by a creator killed before the link
+            pid = old.name[len(p.name) + 2 :].split("-", 1)[0]
+            if pid.isdigit() and not pid_alive(int(pid))[0]:
+                old.unlink(missing_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}-{secrets.token_hex(4)}.creating")
+        try:
+            try:
+                raw = duckdb.connect(str(tmp))
+            except duckdb.Error as err:
+                raise StoreError(f"cannot create a prediction store at {p}: {_one_line(str(err))}") from err
+            try:
+                con = StoreConnection(raw, tmp, False)
+                con.execute("BEGIN TRANSACTION")
+                self._apply_schema(con, None)
+                con.execute("COMMIT")
+            finally:
+                raw.close()
+            try:
+                os.link(tmp, p)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links on this file system: rename, unless another process was first
+                if os.path.lexists(p):
+                    return False
+                os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
+            Path(f"{tmp}.wal").unlink(missing_ok=True)
+        log.info("created prediction store %s (schema version %d)", p, SCHEMA_VERSION)
+        return True
+
+    def _apply_schema(self, con: StoreConnection, version: int | None) -> None:
+        """Inside a write transaction: create missing tables and columns, the marker and the version row
+        (``version`` None: a new file; an older version: migrate in place with ``ALTER TABLE``)."""
+        for stmt in DDL:
+            con.execute(stmt)
+        have = {r[0] for r in con.fetchall(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = 'scans'"
+        )}
+        for column, sql_type in ADDED_SCAN_COLUMNS:
+            if column not in have:
+                con.execute(f"ALTER TABLE scans ADD COLUMN {column} {sql_type}")
+        if not con.scalar("SELECT count(*) FROM polbench_store WHERE marker = ?", [STORE_MARKER]):
+            con.execute("INSERT INTO polbench_store VALUES (?, ?)", [STORE_MARKER, _now()])
+        if version != SCHEMA_VERSION:
+            con.execute("INSERT INTO schema_version VALUES (?, ?)", [SCHEMA_VERSION, _now()])
+            if version is not None:
+                log.info("migrated prediction store %s from schema version %d to %d", self.path, version,
+                         SCHEMA_VERSION)
+
     def _check_version(self, version: int | None) -> None:
+        """Accept the current version and the legacy ones (read as they are, migrated when written)."""
         if version is None:
             raise StoreError(f"{self.path} is not a polbench prediction store (schema_version is empty)")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION and version not in LEGACY_VERSIONS:
             newer = "a newer" if version > SCHEMA_VERSION else "an older"
             raise StoreError(
                 f"{self.path} has schema version {version}, written by {newer} polbench; this one reads "
@@ -266,12 +482,10 @@ class PredictionStore:
             )
 
     def _check_schema(self, con: StoreConnection) -> None:
-        try:
-            version = con.raw.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
-        except duckdb.CatalogException as err:
-            raise StoreError(
-                f"{self.path} is not a polbench prediction store (no schema_version table)"
-            ) from err
+        self._check_complete(con)
+        kind, version, _ = self._store_kind(con)
+        if kind == "foreign":
+            raise StoreError(f"{self.path} is not a polbench prediction store (no polbench_store marker)")
         self._check_version(version)
         self._schema_ok = True
 
@@ -349,12 +563,30 @@ class PredictionStore:
             scan_id.
         """
         self._require_writable()
+        if status not in SCAN_STATUSES:
+            raise ValueError(f"status must be one of {SCAN_STATUSES}, got {status!r}")
+        values = self._scan_values(
+            name=name, kind=kind, sha256=sha256, ny=ny, nx=nx, ky=ky, kx=kx, dataset=dataset,
+            source_file=source_file, step_nm=step_nm, thickness_nm=thickness_nm, cell_px=cell_px,
+            has_ground_truth=has_ground_truth, meta=meta,
+        )
+        with self.transaction() as con:
+            existing = con.scalar("SELECT scan_id FROM scans WHERE sha256 = ?", [values["sha256"]])
+            if existing is not None:
+                log.info("scan %r already stored as scan_id %d (same sha256)", name, existing)
+                return int(existing)
+            scan_id = self._insert_scan(con, values, status, owner=None)
+        log.info("stored scan %r as scan_id %d", name, scan_id)
+        return scan_id
+
+    @staticmethod
+    def _scan_values(*, name, kind, sha256, ny, nx, ky, kx, dataset, source_file, step_nm, thickness_nm,
+                     cell_px, has_ground_truth, meta) -> dict[str, Any]:
+        """Validated column values of a scan row (see :meth:`add_scan`)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         if kind not in SCAN_KINDS:
             raise ValueError(f"kind must be one of {SCAN_KINDS}, got {kind!r}")
-        if status not in SCAN_STATUSES:
-            raise ValueError(f"status must be one of {SCAN_STATUSES}, got {status!r}")
         sha = str(sha256).lower()
         if not _SHA256_RE.match(sha):
             raise ValueError(f"sha256 must be 64 hex characters (polcore.io.sha256_file), got {sha256!r}")
@@ -369,39 +601,155 @@ class PredictionStore:
         for key, value in {"step_nm": step_nm, "thickness_nm": thickness_nm, "cell_px": cell_px}.items():
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{key} must be a positive number or None, got {value!r}")
-        with self.transaction() as con:
-            existing = con.scalar("SELECT scan_id FROM scans WHERE sha256 = ?", [sha])
-            if existing is not None:
-                log.info("scan %r already stored as scan_id %d (same sha256)", name, existing)
-                return int(existing)
-            scan_id = self._next_id(con, "scans")
-            con.execute(
-                "INSERT INTO scans (scan_id, name, kind, dataset, source_file, sha256, ny, nx, ky, kx, "
-                "step_nm, "
-                "thickness_nm, cell_px, has_ground_truth, meta_json, created_at, status) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    scan_id,
-                    name,
-                    kind,
-                    dataset,
-                    None if source_file is None else str(source_file),
-                    sha,
-                    int(ny),
-                    int(nx),
-                    None if ky is None else int(ky),
-                    None if kx is None else int(kx),
-                    None if step_nm is None else float(step_nm),
-                    None if thickness_nm is None else float(thickness_nm),
-                    None if cell_px is None else float(cell_px),
-                    bool(has_ground_truth),
-                    _to_json(dict(meta) if meta else None),
-                    _now(),
-                    status,
-                ],
-            )
-        log.info("stored scan %r as scan_id %d", name, scan_id)
+        return {
+            "name": name,
+            "kind": kind,
+            "dataset": dataset,
+            "source_file": None if source_file is None else str(source_file),
+            "sha256": sha,
+            "ny": int(ny),
+            "nx": int(nx),
+            "ky": None if ky is None else int(ky),
+            "kx": None if kx is None else int(kx),
+            "step_nm": None if step_nm is None else float(step_nm),
+            "thickness_nm": None if thickness_nm is None else float(thickness_nm),
+            "cell_px": None if cell_px is None else float(cell_px),
+            "has_ground_truth": bool(has_ground_truth),
+            "meta_json": _to_json(dict(meta) if meta else None),
+        }
+
+    def _insert_scan(self, con: StoreConnection, values: dict[str, Any], status: str, *, owner: str | None) -> int:
+        """Insert a validated scan row (inside a transaction); returns its new scan_id."""
+        scan_id = self._next_id(con, "scans")
+        now = _now()
+        row = {"scan_id": scan_id, **values, "created_at": now, "status": status, "owner": owner,
+               "heartbeat_at": now if owner else None}
+        con.execute(
+            f"INSERT INTO scans ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+        )
         return scan_id
+
+    # ------------------------------------------------------------------------------- ingest ownership
+
+    def claim_scan(self, *, owner: str, stale_after_s: float = STALE_AFTER_S, **scan: Any) -> ScanClaim:
+        """Start the ingest of a scan: insert its row as 'ingesting', owned by ``owner``, in one transaction.
+
+        Parameters
+        ----------
+        owner : str
+            ``host:pid:start-token`` of the calling ingest (:func:`polcore.store.locking.new_owner`).
+        stale_after_s : float
+            Heartbeat age after which the owner of a row on another host counts as dead.
+        **scan
+            The keywords of :meth:`add_scan` (except ``status``).
+
+        Returns
+        -------
+        ScanClaim
+            'claimed' (a new row, now ours), 'stored' (the scan is stored and ready: nothing claimed), or
+            'busy' (another live process, ``holder``, holds its row: wait or give up, never delete it). A
+            row left by a dead process is removed first (logged as a warning), then claimed.
+        """
+        self._require_writable()
+        if not owner:
+            raise ValueError("owner must be a non-empty string (polcore.store.locking.new_owner())")
+        values = self._scan_values(**{k: scan.get(k) for k in (
+            "name", "kind", "sha256", "ny", "nx", "ky", "kx", "dataset", "source_file", "step_nm",
+            "thickness_nm", "cell_px", "meta")}, has_ground_truth=scan.get("has_ground_truth", False))
+        unknown = set(scan) - set(values) - {"meta", "has_ground_truth"}
+        if unknown:
+            raise TypeError(f"claim_scan() got unexpected keywords {sorted(unknown)}")
+        removed = []
+        with self.transaction() as con:
+            row = con.fetchone(
+                "SELECT scan_id, status, owner, heartbeat_at, created_at, name FROM scans WHERE sha256 = ?",
+                [values["sha256"]],
+            )
+            if row is not None:
+                sid, status, holder, heartbeat, created, name = row
+                if status == "ready":
+                    return ScanClaim(int(sid), "stored", holder)
+                alive, why = owner_alive(holder, heartbeat, created, now=_now(), stale_after_s=stale_after_s)
+                if alive:
+                    return ScanClaim(int(sid), "busy", holder)
+                self._delete_scan_rows(con, int(sid))
+                removed.append((int(sid), name, status, holder, why))
+            scan_id = self._insert_scan(con, values, "ingesting", owner=owner)
+        self._log_removed(removed)
+        log.info("scan %r claimed as scan_id %d by %s", values["name"], scan_id, owner)
+        return ScanClaim(scan_id, "claimed", owner, removed[0][0] if removed else None)
+
+    def heartbeat(self, scan_id: int, owner: str) -> bool:
+        """Say that ``owner`` still ingests ``scan_id``; False when the row is no longer its 'ingesting' row."""
+        self._require_writable()
+        with self.transaction() as con:
+            hit = con.scalar(
+                "UPDATE scans SET heartbeat_at = ? WHERE scan_id = ? AND owner = ? AND status = 'ingesting' "
+                "RETURNING scan_id",
+                [_now(), int(scan_id), owner],
+            )
+        return hit is not None
+
+    def abandon_ingest(self, scan_id: int, owner: str) -> bool:
+        """Roll back a failed ingest: mark its scan 'failed', then remove it with every row that refers to it
+        (two transactions), but only while the row is still ``owner``'s: a row another process holds, or a
+        scan that became 'ready', is left alone. True when the row was removed."""
+        self._require_writable()
+        scan_id = int(scan_id)
+        with self.transaction() as con:
+            row = con.fetchone("SELECT status, owner FROM scans WHERE scan_id = ?", [scan_id])
+            if row is None or row[1] != owner or row[0] == "ready":
+                state = "gone" if row is None else f"{row[0]!r}, owner {row[1]}"
+                log.warning("scan %d is no longer held by this ingest (%s): left as it is", scan_id, state)
+                return False
+            con.execute("UPDATE scans SET status = 'failed' WHERE scan_id = ?", [scan_id])
+        with self.transaction() as con:
+            if con.scalar("SELECT owner FROM scans WHERE scan_id = ? AND status = 'failed'", [scan_id]) != owner:
+                return False
+            out = self._delete_scan_rows(con, scan_id)
+        log.info("removed scan %d of a failed ingest: %s", scan_id, out)
+        return True
+
+    def cleanup_stale_ingests(self, stale_after_s: float = STALE_AFTER_S) -> list[int]:
+        """Remove the 'ingesting' / 'failed' scans whose owner is dead, with their runs (one transaction).
+
+        An owner is dead when, on this host, its process is gone (or the pid belongs to another process
+        now), or, for another host or a row without owner, its heartbeat is older than ``stale_after_s``
+        (:func:`polcore.store.locking.owner_alive`). Each removal is logged as a warning naming the scan and
+        its dead owner. Returns the removed scan ids (the caller removes their feature files).
+        """
+        self._require_writable()
+        with self.connect(read_only=True) as con:
+            rows = con.fetchall(
+                "SELECT scan_id, owner, heartbeat_at, created_at FROM scans "
+                "WHERE status IN ('ingesting', 'failed') ORDER BY scan_id"
+            )
+        now = _now()
+        stale = [r[0] for r in rows if not owner_alive(r[1], r[2], r[3], now=now, stale_after_s=stale_after_s)[0]]
+        if not stale:
+            return []  # the usual case: no write lock taken
+        removed = []
+        with self.transaction() as con:
+            for sid in stale:
+                row = con.fetchone(
+                    "SELECT status, owner, heartbeat_at, created_at, name FROM scans WHERE scan_id = ?", [sid]
+                )
+                if row is None or row[0] not in _SCAN_STATUS_KEEP:
+                    continue
+                alive, why = owner_alive(row[1], row[2], row[3], now=now, stale_after_s=stale_after_s)
+                if not alive:
+                    self._delete_scan_rows(con, int(sid))
+                    removed.append((int(sid), row[4], row[0], row[1], why))
+        self._log_removed(removed)
+        return [r[0] for r in removed]
+
+    @staticmethod
+    def _log_removed(removed: list[tuple]) -> None:
+        for sid, name, status, holder, why in removed:
+            log.warning(
+                "removed the stale %s scan %d (%r) left by a dead ingest: owner %s, %s",
+                status, sid, name, holder or "unknown", why,
+            )
 
     def set_scan_status(self, scan_id: int, status: str) -> None:
         """Set the ``status`` of a stored scan (one transaction).
@@ -473,6 +821,23 @@ class PredictionStore:
             model_id.
         """
         self._require_writable()
+        values = self._model_values(
+            name=name, family=family, head=head, variant=variant, seed=seed, config=config,
+            checkpoint_path=checkpoint_path, library_sha256=library_sha256, train_seconds=train_seconds,
+            n_params=n_params,
+        )
+        with self.transaction() as con:
+            model_id, new = self._insert_model(con, values)
+        if new:
+            log.info("stored model %r as model_id %d", name, model_id)
+        else:
+            log.info("model %r already stored as model_id %d", name, model_id)
+        return model_id
+
+    @staticmethod
+    def _model_values(*, name, family, head, variant="", seed=None, config=None, checkpoint_path=None,
+                      library_sha256=None, train_seconds=None, n_params=None) -> dict[str, Any]:
+        """Validated column values of a model row (see :meth:`add_model`)."""
         for key, value in {"name": name, "family": family, "head": head}.items():
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{key} must be a non-empty string, got {value!r}")
@@ -480,34 +845,30 @@ class PredictionStore:
             raise ValueError(f"variant must be a string ('' for the default), got {variant!r}")
         if train_seconds is not None and not (math.isfinite(train_seconds) and train_seconds >= 0):
             raise ValueError(f"train_seconds must be a number >= 0 or None, got {train_seconds!r}")
-        with self.transaction() as con:
-            existing = con.scalar("SELECT model_id FROM models WHERE name = ?", [name])
-            if existing is not None:
-                log.info("model %r already stored as model_id %d", name, existing)
-                return int(existing)
-            model_id = self._next_id(con, "models")
-            con.execute(
-                "INSERT INTO models (model_id, name, family, head, variant, seed, config_json, "
-                "checkpoint_path, "
-                "library_sha256, train_seconds, n_params, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                "?, ?)",
-                [
-                    model_id,
-                    name,
-                    family,
-                    head,
-                    variant,
-                    None if seed is None else int(seed),
-                    _to_json(dict(config) if config else None),
-                    None if checkpoint_path is None else str(checkpoint_path),
-                    library_sha256,
-                    None if train_seconds is None else float(train_seconds),
-                    None if n_params is None else int(n_params),
-                    _now(),
-                ],
-            )
-        log.info("stored model %r as model_id %d", name, model_id)
-        return model_id
+        return {
+            "name": name,
+            "family": family,
+            "head": head,
+            "variant": variant,
+            "seed": None if seed is None else int(seed),
+            "config_json": _to_json(dict(config) if config else None),
+            "checkpoint_path": None if checkpoint_path is None else str(checkpoint_path),
+            "library_sha256": library_sha256,
+            "train_seconds": None if train_seconds is None else float(train_seconds),
+            "n_params": None if n_params is None else int(n_params),
+        }
+
+    def _insert_model(self, con: StoreConnection, values: dict[str, Any]) -> tuple[int, bool]:
+        """(model_id, inserted) for validated model values: an existing name keeps its row."""
+        existing = con.scalar("SELECT model_id FROM models WHERE name = ?", [values["name"]])
+        if existing is not None:
+            return int(existing), False
+        model_id = self._next_id(con, "models")
+        row = {"model_id": model_id, **values, "created_at": _now()}
+        con.execute(
+            f"INSERT INTO models ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+        )
+        return model_id, True
 
     def delete_models(self, model_ids: Iterable[int], *, only_unused: bool = True) -> int:
         """Remove models by id in one transaction (e.g. to roll back the models of a failed ingest).
@@ -610,6 +971,102 @@ class PredictionStore:
             run_id.
         """
         self._require_writable()
+        run = self._prepare_run(predictions, seconds=seconds, device=device, config=config, layer=layer)
+        with self.transaction() as con:
+            run_id = self._insert_run(con, int(model_id), int(scan_id), run, replace=replace)
+        return run_id
+
+    def write_runs(
+        self,
+        scan_id: int,
+        runs: Sequence[Mapping[str, Any]],
+        *,
+        set_status: str | None = "ready",
+        owner: str | None = None,
+        models: Sequence[Mapping[str, Any]] = (),
+        before_commit: Callable[[dict[str, int], list[int]], None] | None = None,
+    ) -> list[int]:
+        """Store several runs of one scan, the models they need and the scan's new status in ONE transaction.
+
+        This is how an ingest finishes: every run of every model (both layers) and the change to 'ready'
+        become visible together, or, on any exception or a killed process, none of them.
+
+        Parameters
+        ----------
+        scan_id : int
+            Existing scan.
+        runs : sequence of dict
+            One per run: ``predictions`` and the keywords ``seconds``, ``device``, ``config``, ``layer``,
+            ``replace`` of :meth:`write_run`, and the model as ``model_id`` (stored model) or ``model`` (the
+            name of an entry of ``models``). Validated before the transaction starts.
+        set_status : {'ready', 'ingesting', 'failed'} or None
+            The scan's status after the runs (None: unchanged).
+        owner : str, optional
+            The ingest that holds the scan row: the transaction fails (:class:`StoreError`, nothing written)
+            unless the scan is still 'ingesting' under this owner (another process may have judged it dead
+            and removed it).
+        models : sequence of dict
+            :meth:`add_model` keywords of models to register (idempotent by name) in the same transaction.
+        before_commit : callable, optional
+            ``before_commit(model_ids, run_ids)`` (model name -> id for ``models``; the run ids in order) is
+            called inside the transaction after every row is written, just before ``COMMIT`` (an ingest
+            moves its feature files into place there); an exception rolls everything back.
+
+        Returns
+        -------
+        list of int
+            run_id of each run (an existing finished run that is not replaced keeps its id).
+        """
+        self._require_writable()
+        if set_status is not None and set_status not in SCAN_STATUSES:
+            raise ValueError(f"status must be one of {SCAN_STATUSES}, got {set_status!r}")
+        scan_id = int(scan_id)
+        specs = [self._model_values(**m) for m in models]
+        names = {m["name"] for m in specs}
+        prepared = []
+        for i, r in enumerate(runs):
+            unknown = set(r) - {"model_id", "model", "predictions", "seconds", "device", "config", "layer",
+                                "replace"}
+            if unknown:
+                raise ValueError(f"run {i}: unknown keys {sorted(unknown)}")
+            if ("model_id" in r) == ("model" in r):
+                raise ValueError(f"run {i}: give 'model_id' or 'model' (a name from models), not both or neither")
+            if "model" in r and r["model"] not in names:
+                raise ValueError(f"run {i}: model {r['model']!r} is not among the models to register")
+            prep = self._prepare_run(r["predictions"], seconds=r["seconds"], device=r["device"],
+                                     config=r.get("config"), layer=r.get("layer", "pattern"))
+            prepared.append((r, prep))
+        with self.transaction() as con:
+            if owner is not None:
+                row = con.fetchone("SELECT status, owner FROM scans WHERE scan_id = ?", [scan_id])
+                if row is None or row[0] != "ingesting" or row[1] != owner:
+                    state = "removed" if row is None else f"{row[0]!r}, owner {row[1]}"
+                    raise StoreError(
+                        f"scan {scan_id} is no longer held by this ingest ({owner}): it is {state}; "
+                        "nothing was written"
+                    )
+            model_ids = {m["name"]: self._insert_model(con, m)[0] for m in specs}
+            run_ids = [
+                self._insert_run(con, model_ids[r["model"]] if "model" in r else int(r["model_id"]), scan_id,
+                                 prep, replace=bool(r.get("replace", False)))
+                for r, prep in prepared
+            ]
+            if set_status is not None:
+                hit = con.scalar(
+                    "UPDATE scans SET status = ?, heartbeat_at = NULL WHERE scan_id = ? RETURNING scan_id",
+                    [set_status, scan_id],
+                )
+                if hit is None:
+                    raise ValueError(f"unknown scan_id {scan_id}")
+            if before_commit is not None:
+                before_commit(model_ids, run_ids)
+        log.info("stored %d run(s) of scan %d in one transaction%s", len(run_ids), scan_id,
+                 f", status {set_status!r}" if set_status else "")
+        return run_ids
+
+    @staticmethod
+    def _prepare_run(predictions, *, seconds: float, device: str, config, layer: str) -> dict[str, Any]:
+        """Validate one run's inputs (outside any transaction): the flat prediction columns and run fields."""
         _check_layer(layer)
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"seconds must be a number >= 0, got {seconds!r}")
@@ -619,52 +1076,45 @@ class PredictionStore:
         n = len(cols["pred"])
         if n == 0:
             raise ValueError("predictions are empty: a run needs at least one probe position")
-        model_id, scan_id = int(model_id), int(scan_id)
-        with self.transaction() as con:
-            dims = con.fetchone("SELECT ny, nx FROM scans WHERE scan_id = ?", [scan_id])
-            if dims is None:
-                raise ValueError(f"unknown scan_id {scan_id}: add the scan first (add_scan)")
-            if con.scalar("SELECT count(*) FROM models WHERE model_id = ?", [model_id]) == 0:
-                raise ValueError(f"unknown model_id {model_id}: add the model first (add_model)")
-            ny, nx = dims
-            if int(cols["iy"].max()) >= ny or int(cols["ix"].max()) >= nx:
-                raise ValueError(
-                    f"positions out of the scan's {ny}x{nx} grid: max iy {int(cols['iy'].max())}, "
-                    f"max ix {int(cols['ix'].max())}"
-                )
-            existing = con.fetchone(
-                "SELECT run_id, status FROM runs WHERE model_id = ? AND scan_id = ? AND layer = ?",
-                [model_id, scan_id, layer],
+        return {"cols": cols, "n": n, "seconds": float(seconds), "device": device,
+                "config_json": _to_json(dict(config) if config else None), "layer": layer}
+
+    def _insert_run(self, con: StoreConnection, model_id: int, scan_id: int, run: dict[str, Any], *,
+                    replace: bool) -> int:
+        """Write one prepared run inside a transaction: 'running' row, predictions, then 'finished'."""
+        cols, n, seconds, layer = run["cols"], run["n"], run["seconds"], run["layer"]
+        dims = con.fetchone("SELECT ny, nx FROM scans WHERE scan_id = ?", [scan_id])
+        if dims is None:
+            raise ValueError(f"unknown scan_id {scan_id}: add the scan first (add_scan)")
+        if con.scalar("SELECT count(*) FROM models WHERE model_id = ?", [model_id]) == 0:
+            raise ValueError(f"unknown model_id {model_id}: add the model first (add_model)")
+        ny, nx = dims
+        if int(cols["iy"].max()) >= ny or int(cols["ix"].max()) >= nx:
+            raise ValueError(
+                f"positions out of the scan's {ny}x{nx} grid: max iy {int(cols['iy'].max())}, "
+                f"max ix {int(cols['ix'].max())}"
             )
-            if existing is not None:
-                if existing[1] == "finished" and not replace:
-                    log.info(
-                        "run of model %d on scan %d exists (run_id %d): kept", model_id, scan_id, existing[0]
-                    )
-                    return int(existing[0])
-                self._delete_runs(con, "run_id = ?", [existing[0]])
-            run_id = self._next_id(con, "runs")
-            finished = _now()
-            started = finished - timedelta(seconds=float(seconds))
-            con.execute(
-                "INSERT INTO runs (run_id, model_id, scan_id, started_at, finished_at, status, n_patterns, "
-                "seconds, "
-                "patterns_per_s, device, config_json, layer) VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, ?, ?)",
-                [
-                    run_id,
-                    model_id,
-                    scan_id,
-                    started,
-                    n,
-                    float(seconds),
-                    (n / seconds) if seconds > 0 else None,
-                    device,
-                    _to_json(dict(config) if config else None),
-                    layer,
-                ],
-            )
-            self._insert_predictions(con, _predictions_arrow(cols, run_id))
-            self._finish_run(con, run_id, finished)
+        existing = con.fetchone(
+            "SELECT run_id, status FROM runs WHERE model_id = ? AND scan_id = ? AND layer = ?",
+            [model_id, scan_id, layer],
+        )
+        if existing is not None:
+            if existing[1] == "finished" and not replace:
+                log.info("run of model %d on scan %d exists (run_id %d): kept", model_id, scan_id, existing[0])
+                return int(existing[0])
+            self._delete_runs(con, "run_id = ?", [existing[0]])
+        run_id = self._next_id(con, "runs")
+        finished = _now()
+        started = finished - timedelta(seconds=seconds)
+        con.execute(
+            "INSERT INTO runs (run_id, model_id, scan_id, started_at, finished_at, status, n_patterns, "
+            "seconds, patterns_per_s, device, config_json, layer) "
+            "VALUES (?, ?, ?, ?, NULL, 'running', ?, ?, ?, ?, ?, ?)",
+            [run_id, model_id, scan_id, started, n, seconds, (n / seconds) if seconds > 0 else None,
+             run["device"], run["config_json"], layer],
+        )
+        self._insert_predictions(con, _predictions_arrow(cols, run_id))
+        self._finish_run(con, run_id, finished)
         log.info("stored run %d: model %d on scan %d, %d predictions", run_id, model_id, scan_id, n)
         return run_id
 
@@ -717,21 +1167,23 @@ class PredictionStore:
         with self.transaction() as con:
             if con.scalar("SELECT count(*) FROM scans WHERE scan_id = ?", [scan_id]) == 0:
                 raise ValueError(f"unknown scan_id {scan_id}")
-            out = {
-                "predictions": con.scalar(
-                    "DELETE FROM predictions WHERE run_id IN (SELECT run_id FROM runs WHERE scan_id = ?)",
-                    [scan_id],
-                ),
-                "runs": con.scalar("DELETE FROM runs WHERE scan_id = ?", [scan_id]),
-                "embeddings": con.scalar("DELETE FROM embeddings WHERE scan_id = ?", [scan_id]),
-                "domain_gap": con.scalar(
-                    "DELETE FROM domain_gap WHERE scan_a = ? OR scan_b = ?", [scan_id, scan_id]
-                ),
-                "scans": con.scalar("DELETE FROM scans WHERE scan_id = ?", [scan_id]),
-            }
-        out = {k: int(v or 0) for k, v in out.items()}
+            out = self._delete_scan_rows(con, scan_id)
         log.info("deleted scan %d: %s", scan_id, out)
         return out
+
+    @staticmethod
+    def _delete_scan_rows(con: StoreConnection, scan_id: int) -> dict[str, int]:
+        """Delete a scan's row and every row that refers to it (inside a transaction); rows deleted per table."""
+        out = {
+            "predictions": con.scalar(
+                "DELETE FROM predictions WHERE run_id IN (SELECT run_id FROM runs WHERE scan_id = ?)", [scan_id]
+            ),
+            "runs": con.scalar("DELETE FROM runs WHERE scan_id = ?", [scan_id]),
+            "embeddings": con.scalar("DELETE FROM embeddings WHERE scan_id = ?", [scan_id]),
+            "domain_gap": con.scalar("DELETE FROM domain_gap WHERE scan_a = ? OR scan_b = ?", [scan_id, scan_id]),
+            "scans": con.scalar("DELETE FROM scans WHERE scan_id = ?", [scan_id]),
+        }
+        return {k: int(v or 0) for k, v in out.items()}
 
     # ----------------------------------------------------------------------------- analysis results
 
