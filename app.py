@@ -1,21 +1,31 @@
 """polbench dashboard: Overview page (entry point of `streamlit run app.py`).
 
-Data sets, models, the headline comparison and what each page answers. Without a database it offers one
-button that builds the demo database in a background thread with a progress bar.
+Data sets, models, the headline comparison and what each page answers. The demo database is built beside the
+dashboard by its own process (``python -m polcore demo --if-needed``, started by ``make run`` or by the button
+here; :mod:`polcore.demo`): this page follows its status file every :data:`BUILD_POLL_S` seconds (step, per
+cent, time left) and reruns whenever the build reaches a new step, so the counts and tables fill in as the
+scans land.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from polcore import demo as demo_build
 from ui import data as D
-from ui import guard, init_page, jobs
-from ui.backend import build_demo
+from ui import guard, init_page
 from ui.maps import png_config
+
+#: Seconds between two reads of the demo build's status file.
+BUILD_POLL_S = 1.5
+#: After a click on the build button, seconds to wait for the new process's status file before offering the
+#: button again.
+START_GRACE_S = 20.0
 
 ctx = init_page("Overview", icon=":material/insights:")
 
@@ -28,34 +38,96 @@ st.markdown(
 )
 
 
-def _demo_section() -> None:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "\u2013"
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def _build_key(state: dict | None) -> tuple | None:
+    """What makes the whole page rerun when it changes: the build's state and step."""
+    return None if state is None else (state["state"], state.get("step"))
+
+
+def _build_state() -> dict | None:
+    state = demo_build.build_state(ctx.db)
+    if state is not None and state["state"] == "done" and not ctx.ready:
+        return None  # the database was removed after its build: offer a new one
+    return state
+
+
+def _progress_line(state: dict) -> str:
+    pct = 100 * float(state.get("fraction") or 0.0)
+    left = "estimating the time left" if state.get("eta_s") is None else f"about {_duration(state['eta_s'])} left"
+    return f"Step {state.get('step', '')} \u00b7 {pct:.0f} % \u00b7 {_duration(state['elapsed_s'])} elapsed \u00b7 {left}"
+
+
+def _start_build() -> None:
+    demo_build.start_build_process(ctx.db)
+    st.session_state["_demo_started"] = time.time()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and demo_build.build_state(ctx.db) is None:
+        time.sleep(0.2)  # the new process writes its status within a second
+    st.rerun()
+
+
+def _build_poll() -> None:
+    """Fragment: progress of a running build from its status file; rerun the page at each new step."""
+
+    @st.fragment(run_every=BUILD_POLL_S)
+    def _poll() -> None:
+        state = _build_state()
+        if _build_key(state) != st.session_state.get("_demo_seen"):
+            st.rerun(scope="app")
+        if state is not None and state["state"] == "running":
+            st.progress(min(max(float(state.get("fraction") or 0.0), 0.0), 1.0), text=_progress_line(state))
+            st.caption(f"{state.get('message', '')}")
+
+    _poll()
+
+
+def _demo_section(state: dict | None) -> None:
+    """The demo build: its progress while it runs, what happened when it failed or died, else a button."""
+    log = demo_build.log_path(ctx.db)
+    if state is not None and state["state"] == "running":
+        st.subheader("Building the demo database")
+        _build_poll()
+        st.caption(
+            f"A separate process (pid {state.get('pid')}) builds it from the models shipped with the repository: "
+            "no training. The pages show what is stored already and fill in as each scan lands; the benchmark "
+            f"table and the embeddings come last. Its log: `{log}`."
+        )
+        return
+    if state is not None and state["state"] in ("failed", "died"):
+        pct = 100 * float(state.get("fraction") or 0.0)
+        if state["state"] == "failed":
+            st.error(f"The demo build failed at {pct:.0f} % ({state.get('step')}): {state.get('error')}")
+        else:
+            st.warning(f"The demo build stopped at {pct:.0f} % ({state.get('step')}): its process "
+                       f"(pid {state.get('pid')}) is gone. Restarting resumes it: finished steps are kept.")
+        st.caption(f"Log: `{log}`.")
+        if st.button("Restart the demo build", type="primary", icon=":material/restart_alt:",
+                     key="b_restart_demo"):
+            _start_build()
+        _build_poll()  # a build started elsewhere (`make run`) shows up by itself
+        return
     st.subheader("No database yet")
     st.markdown(
         f"The database `{ctx.db}` does not exist. The demo uses the models shipped with the repository "
-        "(`data/models/shipped`), composes the default scans from the committed pattern library, runs every "
-        "model on every scan and computes the benchmark and the embeddings (about 5 minutes on a 2-core "
-        "machine; `make run` does the same from a terminal)."
+        "(`data/models/shipped`, no training), composes the default scans from the committed pattern library, "
+        "runs every model on every scan and computes the benchmark and the embeddings (about 5 minutes on a "
+        "2-core machine). `make run` starts it by itself beside the dashboard; here, one button does."
     )
-    job = jobs.get_job(st.session_state.get("demo_job")) or jobs.find_running("demo")
-    if job is not None:
-        st.session_state["demo_job"] = job.job_id
-    if job is not None and job.status == "running":
-        jobs.job_progress(job.job_id)
-        return
-    if job is not None and job.status == "failed":
-        st.error(f"Building the demo failed: {job.error}")
-    if job is not None and job.status == "done":
-        D.clear_caches()
-        st.success(f"Demo database built in {job.elapsed:.0f} s.")
-        st.session_state.pop("demo_job", None)
-        st.rerun()
-    if st.button("Build the demo database", type="primary", icon=":material/build:", key="b_build_demo"):
-        new = jobs.start_job("demo", "Building the demo", build_demo, ctx.db)
-        st.session_state["demo_job"] = new.job_id
-        st.rerun()
+    started = st.session_state.get("_demo_started")
+    if started is not None and time.time() - started < START_GRACE_S:
+        st.info("Starting the build \u2026")
+    elif st.button("Build the demo database", type="primary", icon=":material/build:", key="b_build_demo"):
+        _start_build()
+    _build_poll()
 
 
-def _overview() -> None:
+def _overview(building: bool = False) -> None:
     tok = ctx.tok
     scans, models, runs = ctx.scans, ctx.models, D.runs(tok)
     c = st.columns(4)
@@ -73,7 +145,11 @@ def _overview() -> None:
     st.subheader("Headline: accuracy per data set")
     bench = D.bench(tok)
     if bench.empty:
-        st.info("No benchmark rows yet (run `python -m polcore bench`). Per-run accuracies follow.")
+        if building:
+            st.info("The benchmark table comes when every scan is in (the demo build is running). Per-run "
+                    "accuracies of the scans stored so far follow.")
+        else:
+            st.info("No benchmark rows yet (run `python -m polcore bench`). Per-run accuracies follow.")
         met = D.metrics(tok, ctx.ft)
         if len(met):
             st.dataframe(
@@ -238,8 +314,12 @@ def _guide() -> None:
 
 
 with guard("The overview"):
-    if not ctx.ready:
-        _demo_section()
-    else:
-        _overview()
+    build = _build_state()
+    st.session_state["_demo_seen"] = _build_key(build)
+    if build is not None:
+        st.session_state.pop("_demo_started", None)
+    if (build is not None and build["state"] != "done") or not ctx.ready:
+        _demo_section(build)
+    if ctx.ready:
+        _overview(building=build is not None and build["state"] == "running")
     _guide()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
+from polcore import settings
 from polcore.types import CLASS_NAMES
 from ui import data as D
 from ui import download_table, guard, init_page, require_db
@@ -15,6 +17,65 @@ st.caption(
     "Which model is best on which data set? Scores are mean \u00b1 std over training seeds; the majority "
     "row always predicts the most frequent true class of the data set."
 )
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _provenance(folder: str, stamp: tuple) -> pd.DataFrame:
+    """One row per checkpoint in ``folder`` from its JSON sidecar (``stamp``: names and mtimes, the cache key)."""
+    from polcore.ingest import available_models
+    from polcore.models import read_checkpoint_meta
+
+    rows = []
+    for name, path in sorted(available_models(folder).items()):
+        meta = read_checkpoint_meta(path)
+        cfg = meta.get("train_config") or {}
+        ver = meta.get("versions") or {}
+        ho = pd.DataFrame(meta.get("heldout") or [])
+        if len(ho) and "dose" in ho:
+            ho = ho[np.isclose(ho["dose"].astype(float), float(cfg.get("eval_dose") or 2e4))]
+        role = cfg.get("eval_role", "test")
+        ths = (f"{ho['thickness_nm'].min():g}\u2013{ho['thickness_nm'].max():g} nm" if len(ho) > 1
+               else f"{ho['thickness_nm'].iloc[0]:g} nm" if len(ho) else "")
+        if cfg.get("family") == "pca_knn":
+            recipe = f"fit on {cfg.get('n_fit_patterns', 0):,} patterns"
+        else:
+            warm = cfg.get("warmup_steps") or 0
+            recipe = f"{cfg.get('steps') or 0:,} steps" + (f" + {warm:,} warm-up" if warm else "")
+            recipe += f", batch {cfg.get('batch_size')}, lr {cfg.get('lr'):g}"
+        per_pattern = float(ho["per_pattern"].mean()) if len(ho) else np.nan
+        per_cell = float(ho["per_cell"].mean()) if len(ho) and "per_cell" in ho else np.nan
+        rows.append({
+            "model": name,
+            "training library sha256": str(meta.get("library_sha256") or "")[:12],
+            "data": f"{meta.get('library_kind', cfg.get('data', ''))}, roles {'+'.join(cfg.get('train_roles') or [])}",
+            "recipe": recipe,
+            "steps run": f"{meta.get('steps_run', 0):,}",
+            "seed": str(cfg.get("seed", meta.get("seed"))),
+            "train time": f"{float(meta.get('train_seconds') or np.nan) / 60:.1f} min",
+            "versions": ", ".join(f"{k} {ver[k]}" for k in ("polcore", "torch", "numpy", "scikit-learn") if k in ver),
+            "held-out set": f"{role} draws, {ths}, {float(cfg.get('eval_dose') or 2e4):g} e\u207b/pattern",
+            "held-out accuracy": f"{per_pattern:.3f} per pattern, {per_cell:.3f} per cell",
+        })
+    return pd.DataFrame(rows).set_index("model").T if rows else pd.DataFrame()
+
+
+def _provenance_section() -> None:
+    """The shipped checkpoints' provenance, from their JSON sidecars (nothing is loaded)."""
+    folder = settings.shipped_models_dir()
+    stamp = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.json"))) if folder.is_dir() else ()
+    if not stamp:
+        return
+    prov = _provenance(str(folder), stamp)
+    if prov.empty:
+        return
+    with st.expander(f"Provenance of the {prov.shape[1]} shipped models (`data/models/shipped`)"):
+        st.caption(
+            "Read from each checkpoint's JSON sidecar: the training library's sha256 (first 12 hex digits), the "
+            "recipe (`python -m polcore train --profile default` retrains exactly these), steps run, seed, "
+            "training time, package versions, and the held-out accuracy stored at training time (mean over the "
+            "held-out thicknesses; per cell = 64 probe positions pooled)."
+        )
+        st.table(prov)
 
 
 def _heldout_section() -> None:
@@ -52,6 +113,9 @@ def _heldout_section() -> None:
     st.dataframe(piv.style.format("{:.3f}", na_rep="–"), width="stretch")
     download_table(sub, "heldout", key="dl_heldout")
 
+
+with guard("The shipped models' provenance"):
+    _provenance_section()
 
 with guard("The benchmark page"):
     require_db(ctx)

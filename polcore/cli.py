@@ -185,14 +185,25 @@ def _cmd_bench_draws(args, t0: float) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from polcore.demo import build_demo
+    import os
+    import signal
 
+    from polcore.demo import run_build
+
+    def _stop(signum, frame):  # SIGTERM (kill, a closed dashboard's session): recorded as a failure
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, _stop)
     t0 = time.perf_counter()
     args.db = args.db or settings.db_path()
-    summary = build_demo(args.db, profile=args.profile, progress=_fraction_printer("demo"))
+    summary = run_build(args.db, status_file=args.status_file, if_needed=args.if_needed, profile=args.profile,
+                        scans=args.scans or os.environ.get("POLBENCH_DEMO_SCANS") or "default",
+                        progress=_fraction_printer("demo"), say=lambda m: print(m, flush=True))
+    if summary is None:
+        return 0
     for k, v in summary.items():
         print(f"  {k}: {v}")
-    print(f"demo database {args.db} ready in {time.perf_counter() - t0:.0f} s")
+    print(f"demo database {args.db} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
 
@@ -255,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     dfl.set_defaults(func=_cmd_simulate_defaults)
 
     tr = sub.add_parser("train", help="train a model profile on the pattern library")
-    tr.add_argument("--profile", default="quick", choices=["quick", "paper", "cpu"],
-                    help="quick/paper: the committed one-file library; cpu: the draw library (all thicknesses)")
+    tr.add_argument("--profile", default="quick", choices=["quick", "paper", "cpu", "default"],
+                    help="quick/paper: the committed one-file library; cpu: the draw library (all thicknesses); "
+                         "default: the shipped models (a subset of cpu)")
     tr.add_argument("--library", type=Path, default=None)
     tr.add_argument("--draws", type=Path, default=None,
                     help="draw library folder (default ~/.cache/polbench/draws/train)")
@@ -291,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--profile", default=None, choices=["shipped", "quick", "paper"],
                     help="shipped: the committed checkpoints (data/models/shipped, no training); quick/paper: "
                          "train on the committed library first; default: shipped when present, else quick")
+    de.add_argument("--status-file", type=Path, default=None,
+                    help="progress as JSON (fraction, message, step, started, updated, pid, done, error), rewritten "
+                         "atomically; the Overview page reads it (default <db folder>/demo_status.json)")
+    de.add_argument("--if-needed", action="store_true",
+                    help="build only when the database is missing or an earlier build of it did not finish, and "
+                         "leave at once when a build is running (what `make run` starts in the background)")
+    de.add_argument("--scans", default=None, choices=["default", "tiny"],
+                    help="default: the 9 default scans, PCA and UMAP embeddings; tiny: one 16x16 scan, PCA only "
+                         "(seconds, for tests); default $POLBENCH_DEMO_SCANS or 'default'")
     de.set_defaults(func=_cmd_demo)
 
     an = sub.add_parser("analyze", help="periodic errors, defect ROC-AUC and domain gap per run")
@@ -299,13 +320,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a busy / unusable database: one line, exit 2. The store's and the
+    readers' error classes are looked up only if their modules were imported (so ``--help`` stays instant)."""
+    kinds: list[type[BaseException]] = [ValueError, OSError]  # ScanFormatError is a ValueError
+    for module, name in (("polcore.store.connection", "StoreError"), ("polcore.io.errors", "ScanFormatError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            kinds.append(cls)
+    return tuple(kinds)
+
+
+def _report(exc: BaseException, verbose: bool, prefix: str = "error") -> None:
+    """One line on stderr (the traceback too with -v)."""
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    hint = "" if verbose else " (run with -v for the traceback)"
+    if prefix != "error":
+        text = f"{type(exc).__name__}: {text}{hint}"
+    print(f"{prefix}: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
+    """Run one subcommand. Every failure is ONE line on stderr and a non-zero exit: 2 for bad input or an
+    unusable / busy database (StoreError, ScanFormatError, ValueError, OSError), 130 for Ctrl-C, 1 for anything
+    unexpected; ``-v`` prints the traceback as well."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as exc:
+        if args.verbose:
+            _report(exc, True)
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the command line reports every failure as one line
+        if isinstance(exc, _expected_errors()):
+            _report(exc, args.verbose)
+            return 2
+        _report(exc, args.verbose, prefix="unexpected error")
+        return 1

@@ -419,7 +419,7 @@ def _paper() -> list[TrainConfig]:
 #: for about 20-25 min each with one training job per core of this 2-core CPU (measured 0.19 / 0.9 / 3.5 / 6.5 s
 #: per step for custom_cnn binned / custom_cnn study / resnet18 / vgg11_bn): the binned CNN sees 770k patterns,
 #: VGG-11 23k. The CPU, not the architecture, limits the large networks; the paper profile is for a GPU.
-CPU_STEPS = {("custom_cnn", "binned"): (5000, 1000), ("custom_cnn", "study"): (1200, 300),
+CPU_STEPS = {("custom_cnn", "binned"): (16000, 1000), ("custom_cnn", "study"): (1200, 300),
              ("resnet", None): (300, 80), ("vgg", None): (160, 40)}
 
 
@@ -445,7 +445,22 @@ def _cpu() -> list[TrainConfig]:
     return out
 
 
-PROFILES: dict[str, list[TrainConfig]] = {"quick": _quick(), "paper": _paper(), "cpu": _cpu()}
+#: The models shipped in ``data/models/shipped`` (and used by the demo): the best network, the study's classical
+#: baseline and the study's ideal row, all seed 888.
+SHIPPED_MODELS = ("custom_cnn-binned-cls-s888", "pca_knn-cls-s888", "custom_cnn-binned-cls-s888-ideal20")
+
+
+def _default() -> list[TrainConfig]:
+    """The shipped models: exactly their configurations in the ``cpu`` profile (same steps, seeds and data), so
+    ``python -m polcore train --profile default`` retrains what ``data/models/shipped`` holds, on the draw
+    library (``simulate library --profile train``); the binned CNN's steps are ``CPU_STEPS`` (about 0.2 s per
+    step on the 2-core CPU)."""
+    cpu = {c.name: c for c in _cpu()}
+    return [cpu[name] for name in SHIPPED_MODELS]
+
+
+PROFILES: dict[str, list[TrainConfig]] = {"quick": _quick(), "paper": _paper(), "cpu": _cpu(),
+                                          "default": _default()}
 
 
 def profile_configs(name: str) -> list[TrainConfig]:

@@ -1,5 +1,10 @@
-"""The checkpoints shipped in data/models/shipped: what `train --profile cpu` trains, with full provenance, small,
-and reading polarization on independent simulations (the committed library, another recipe)."""
+"""The checkpoints shipped in data/models/shipped: exactly what `train --profile default` trains (the shipped
+models' configurations in the `cpu` profile), with full provenance, small, and reading polarization on
+independent simulations (the committed library, another recipe).
+
+The metadata checks compare each checkpoint's stored training config with the profile's current one: when the
+profile changes (e.g. more steps in ``CPU_STEPS``), they fail until checkpoints trained with the new recipe are
+shipped. That is their purpose: a shipped model must be what the profile trains."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from polcore.ingest import checkpoints
 from polcore.models import load_checkpoint, read_checkpoint_meta
 from polcore.settings import shipped_models_dir
 from polcore.simulate.draws import DRAW_PROFILES
-from polcore.train import TrainConfig, profile_configs
+from polcore.train import SHIPPED_MODELS, TrainConfig, profile_configs
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +29,48 @@ def shipped():
     return paths
 
 
-def test_shipped_metadata_is_what_the_cpu_profile_trains(shipped):
-    cfgs = {c.name: c for c in profile_configs("cpu")}
+def test_default_profile_is_the_shipped_models_of_the_cpu_profile():
+    """`train --profile default` selects the shipped models' configurations from the cpu profile, unchanged."""
+    cpu = {c.name: c for c in profile_configs("cpu")}
+    default = profile_configs("default")
+    assert [c.name for c in default] == list(SHIPPED_MODELS)
+    assert all(c == cpu[c.name] for c in default)
+    assert {c.family for c in default} == {"custom_cnn", "pca_knn"}
+    assert all(c.seed == 888 and c.data == "draws" for c in default)
+
+
+def test_shipped_checkpoints_are_the_default_profile(shipped):
+    """Every model of the default profile is shipped, and nothing else."""
+    from polcore.naming import model_name
+
+    names = {model_name(read_checkpoint_meta(p)) for p in shipped}
+    assert names == set(SHIPPED_MODELS), (sorted(names), SHIPPED_MODELS)
+
+
+def _check_provenance(p, meta: dict, recipe: dict) -> None:
+    assert meta["library_kind"] == "draws" and re.fullmatch(r"[0-9a-f]{64}", meta["library_sha256"]), p.name
+    assert meta["library_recipe"] == recipe, p.name
+    assert meta["heldout"] and {"torch", "numpy", "polcore"} <= set(meta["versions"]), p.name
+    assert meta["steps_run"] >= 1 and meta["train_seconds"] > 0, p.name
+
+
+@pytest.mark.parametrize("profile", ["default", "cpu"])
+def test_shipped_metadata_is_what_the_profile_trains(shipped, profile):
+    """Each shipped checkpoint's training config equals the profile's config of that name (steps, seed, data,
+    augmentation, ...), with the draw library's recipe, its sha256, versions and held-out rows."""
+    cfgs = {c.name: c for c in profile_configs(profile)}
     recipe = json.loads(DRAW_PROFILES["train"].to_json())
+    mismatched = {}
     for p in shipped:
         meta = read_checkpoint_meta(p)
         cfg = TrainConfig.from_dict(meta["train_config"])
-        assert cfg.name in cfgs and cfg == cfgs[cfg.name], f"{p.name} was not trained by the cpu profile"
-        assert meta["library_kind"] == "draws" and re.fullmatch(r"[0-9a-f]{64}", meta["library_sha256"])
-        assert meta["library_recipe"] == recipe
-        assert meta["heldout"] and {"torch", "numpy", "polcore"} <= set(meta["versions"])
-        assert meta["steps_run"] >= 1 and meta["train_seconds"] > 0
+        assert cfg.name in cfgs, f"{p.name} is not a model of the {profile} profile"
+        if cfg != cfgs[cfg.name]:
+            want, got = cfgs[cfg.name].to_dict(), cfg.to_dict()
+            mismatched[p.name] = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        _check_provenance(p, meta, recipe)
+    assert not mismatched, (f"shipped checkpoints differ from `train --profile {profile}` "
+                            f"(field: (shipped, profile)): {mismatched}")
     total = sum(p.stat().st_size for p in shipped) / 1e6
     assert total < 40, f"shipped checkpoints take {total:.1f} MB"
 
