@@ -37,6 +37,29 @@ st.title("Error maps")
 MAP_H = 440
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def _geometry_caption(tok: tuple, run_id: int) -> str:
+    """One line: the scan geometry this run's patterns went through (the run's config, ``queries.run_config``)."""
+    from polcore.store import queries
+
+    g = (queries.run_config(D.store(), int(run_id)) or {}).get("geometry")
+    if not g:
+        return "Scan geometry: not recorded for this run (ingested before the geometry was applied)."
+    src, conf = g.get("sources") or {}, g.get("confidence") or {}
+
+    def tag(k):
+        return src.get(k, "?") + (f", {conf[k]}" if src.get(k) == "estimated" and conf.get(k) else "")
+
+    d = (g.get("details") or {}).get("descan") or {}
+    descan = (f"descan {d.get('range_y_px', 0):.1f}\u00d7{d.get('range_x_px', 0):.1f} px applied ({tag('descan')})"
+              if src.get("descan") in ("estimated", "user") and g.get("descan_y") else "no descan applied")
+    mrad = g.get("mrad_per_px")
+    warn = f" \u26a0 {len(g['warnings'])} warning(s): " + "; ".join(g["warnings"]) if g.get("warnings") else ""
+    return (f"Scan geometry applied: rotation {g.get('rotation_deg', 0.0):.1f}\u00b0 ({tag('rotation_deg')}), "
+            f"{'flip' if g.get('flip') else 'no flip'} ({tag('flip')}), {descan}, "
+            f"{'?' if mrad is None else f'{mrad:.3f}'} mrad/px ({tag('mrad_per_px')}).{warn}")
+
+
 def _thickness_mask(g: dict) -> np.ndarray | None:
     th = ctx.filters.thickness
     if th is None:
@@ -97,6 +120,7 @@ with guard("The error-map page"):
     else:
         c[2].metric("Accuracy (filtered)", "\u2014")
         c[3].metric("Positions (filtered)", f"{int(mrow['n_rows']) if mrow is not None else 0:,}")
+    st.caption(_geometry_caption(ctx.tok, run_id))
     if ctx.layer == "cell":
         st.info(
             f"Unit-cell layer: the class log-probabilities of the probe positions inside each projected unit "

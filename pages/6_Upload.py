@@ -18,6 +18,7 @@ from ui.backend import (
     UploadRefused,
     available_models,
     cleanup_uploads_if_due,
+    estimate_scan_geometry,
     ingest_scan,
     save_upload,
     validate_scan,
@@ -203,6 +204,53 @@ def _show_result(scan_id: int) -> None:
     st.page_link("pages/3_Error_maps.py", label="Open it on the Error maps page", icon=":material/map:")
 
 
+def _tag(g: dict, key: str) -> str:
+    src = (g.get("sources") or {}).get(key, "?")
+    conf = (g.get("confidence") or {}).get(key)
+    return f"{src}, {conf} confidence" if src == "estimated" and conf else src
+
+
+def _geometry_section(path: Path) -> dict:
+    """Show the scan geometry found before the run and let the user correct it; the ingest's overrides."""
+    st.subheader("Scan geometry")
+    try:
+        with st.spinner("Reading the first patterns for the scan geometry ..."):
+            found = estimate_scan_geometry(path)
+    except Exception as exc:  # noqa: BLE001 - never a traceback; the ingest estimates it again
+        st.warning(f"The scan geometry could not be estimated here ({short_error(exc)}); the ingest tries again.")
+        return {}
+    est, app = found["estimate"], found["applied"]
+    d = (est.get("details") or {}).get("descan") or {}
+    applied_descan = (app.get("sources") or {}).get("descan") in ("estimated", "user") and app.get("descan_y")
+    descan = (f"{d.get('range_y_px', 0.0):.1f} \u00d7 {d.get('range_x_px', 0.0):.1f} px" if d else "not measured")
+    mrad = est.get("mrad_per_px")
+    c = st.columns(4)
+    c[0].metric("Rotation", f"{est['rotation_deg']:.1f}\u00b0", help="detector-to-scan, counter-clockwise on screen "
+                "(py4DSTEM QR_rotation_degrees)")
+    rot_used = "applied" if app["rotation_deg"] == est["rotation_deg"] else "NOT applied: 0\u00b0 used"
+    c[0].caption(f"{_tag(est, 'rotation_deg')}; {rot_used}")
+    c[1].metric("Flip", "flip" if est["flip"] else "no flip", help="transpose of the detector axes (QR_flip)")
+    c[1].caption(f"{_tag(est, 'flip')}; {'applied' if app['flip'] == est['flip'] else 'NOT applied'}")
+    c[2].metric("Descan range", descan, help="how far the disc wanders across the scan (edge-fitted surface)")
+    c[2].caption(f"{_tag(est, 'descan')}; {'applied' if applied_descan else 'not applied (one centre)'}")
+    c[3].metric("mrad/px", "?" if mrad is None else f"{mrad:.3f}")
+    c[3].caption(_tag(est, "mrad_per_px"))
+    for w in found["warnings"]:
+        st.warning(w, icon=":material/warning:")
+    st.caption(f"From the first {found['n_patterns']} patterns (the ones the ingest fits on). File or user values "
+               "are always applied; estimates only with high confidence.")
+    keep = st.checkbox("Use the file's / estimated values", value=True, key="up_geom_keep",
+                       help="Untick to give the detector rotation and flip yourself (e.g. from a calibration scan "
+                            "of a known crystal).")
+    if keep:
+        return {}
+    g1, g2 = st.columns(2)
+    rot = g1.number_input("Rotation [deg]", min_value=-180.0, max_value=180.0, value=float(est["rotation_deg"]),
+                          step=0.5, key="up_geom_rot", help="counter-clockwise on screen, as py4DSTEM QR_rotation_degrees")
+    flip = g2.checkbox("Flip (transpose the detector axes first)", value=bool(est["flip"]), key="up_geom_flip")
+    return {"rotation_deg": float(rot), "flip": bool(flip)}
+
+
 def _select_new_scan(scan_id: int, model: str | None) -> None:
     st.session_state["f_dataset"] = None
     st.session_state["f_scan"] = int(scan_id)
@@ -274,6 +322,7 @@ with guard("The upload page"):
         or "no calibration"
     )
     st.success(f"**{shown}**: {ny}\u00d7{nx} positions of {ky}\u00d7{kx} px, {info['dtype']} ({cal}).")
+    geom_overrides = _geometry_section(path)
 
     avail = available_models()
     if not avail:
@@ -310,6 +359,7 @@ with guard("The upload page"):
                 name=name or None,
                 kind=kind,
                 dataset=dataset or None,
+                **geom_overrides,
             )
         except jobs.QueueFull as exc:
             st.error(f"Not started: {exc}")

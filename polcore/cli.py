@@ -116,14 +116,40 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _geometry_lines(g: dict) -> list[str]:
+    """The geometry used by an ingest, for the terminal (one line, then one per warning)."""
+    src, conf = g.get("sources") or {}, g.get("confidence") or {}
+
+    def tag(key):
+        c = conf.get(key)
+        return f"{src.get(key, '?')}" + (f", {c}" if c and src.get(key) == "estimated" else "")
+
+    d = (g.get("details") or {}).get("descan") or {}
+    descan = ("none" if not g.get("descan_y") else
+              f"{d.get('range_y_px', 0):.1f} x {d.get('range_x_px', 0):.1f} px" if src.get("descan") == "estimated"
+              else "constant centre" if src.get("descan") == "default" else "given")
+    mrad = g.get("mrad_per_px")
+    lines = [f"geometry: rotation {g.get('rotation_deg', 0.0):.1f} deg ({tag('rotation_deg')}), "
+             f"{'flip' if g.get('flip') else 'no flip'} ({tag('flip')}), descan {descan} ({tag('descan')}), "
+             f"{'?' if mrad is None else f'{mrad:.3f}'} mrad/px ({tag('mrad_per_px')})"]
+    lines += [f"geometry warning: {w}" for w in g.get("warnings") or ()]
+    return lines
+
+
 def _cmd_ingest(args) -> int:
-    from polcore.ingest import ingest_scan
+    from polcore.ingest import ingest
     from polcore.store import PredictionStore, queries
 
     t0 = time.perf_counter()
     db = args.db or settings.db_path()
-    scan_id = ingest_scan(args.scan, args.models, db, progress=_fraction_printer("ingest"), name=args.name,
-                          kind=args.kind, model_dir=args.model_dir)
+    res = ingest(args.scan, args.models, db, progress=_fraction_printer("ingest"), name=args.name,
+                 kind=args.kind, model_dir=args.model_dir, rotation_deg=args.rotation_deg, flip=args.flip)
+    scan_id = res.scan_id
+    if res.geometry:
+        for line in _geometry_lines(res.geometry):
+            print(line, flush=True)
+    else:
+        print("geometry: nothing ran (already ingested); see the runs' config", flush=True)
     runs = queries.list_runs(PredictionStore(db))
     runs = runs[runs["scan_id"] == scan_id]
     cols = [c for c in ("model", "n_patterns", "seconds", "patterns_per_s", "device") if c in runs.columns]
@@ -283,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--db", type=Path, default=None, help="DuckDB file (default $POLBENCH_DB or <data dir>/polbench.duckdb)")
     ing.add_argument("--name", default=None)
     ing.add_argument("--kind", default="experimental", choices=["synthetic", "pseudo_experimental", "experimental"])
+    ing.add_argument("--rotation-deg", type=float, default=None,
+                     help="detector-to-scan rotation [deg], counter-clockwise on screen (py4DSTEM QR_rotation_degrees);"
+                          " default: the file's calibration, else estimated from the data (applied if confident)")
+    ing.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                     help="detector axes transposed before the rotation (py4DSTEM QR_flip); default: file, else estimate")
     ing.set_defaults(func=_cmd_ingest)
 
     be = sub.add_parser("bench", help="the study's benchmark table from the stored runs; --limit, --draw-curve "

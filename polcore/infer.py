@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from polcore.geometry import Geometry, apply_geometry, estimate_geometry_from
 from polcore.types import N_CLASSES
 
-__all__ = ["ScanPrediction", "predict_scan", "predict_scan_many", "make_preprocessor"]
+__all__ = ["ScanPrediction", "predict_scan", "predict_scan_many", "make_preprocessor", "trusted_geometry"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ class ScanPrediction:
         inputs : float32 (m, 64 * 64 // 16) 4x4-binned preprocessed patterns of the same subsample.
     seconds : wall time [s] of the loop; n_patterns : ny * nx; device : 'cpu' or 'cuda'.
     preprocess : the fitted preprocessor's state (dict).
+    geometry : the scan geometry actually applied before the preprocessor (``polcore.geometry.Geometry.to_dict``
+        plus ``warnings``: the parts estimated but not trusted, left at identity; and ``estimate``: what the
+        data alone said), see :func:`trusted_geometry`.
     """
 
     pred: np.ndarray
@@ -48,6 +52,7 @@ class ScanPrediction:
     n_patterns: int
     device: str
     preprocess: dict = field(default_factory=dict)
+    geometry: dict = field(default_factory=dict)
 
     @property
     def patterns_per_s(self) -> float:
@@ -90,7 +95,8 @@ def _groups(models, preprocessor) -> tuple[list, list[int]]:
 
 
 def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, preprocessor=None,
-                      fit_patterns: int = 4096, embed_sample: int = 2000, seed: int = 0) -> list[ScanPrediction]:
+                      fit_patterns: int = 4096, embed_sample: int = 2000, seed: int = 0, geometry=None,
+                      geometry_overrides: dict | None = None) -> list[ScanPrediction]:
     """Run several models over one scan in ONE pass over the file.
 
     Models whose preprocessing settings agree (target sampling, convergence, size) share one preprocessor;
@@ -108,6 +114,19 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     fit_patterns : how many leading patterns the preprocessing fit uses [-].
     embed_sample : number of positions whose features and inputs are kept (seeded subsample).
     seed : seed of the subsample.
+    geometry : the scan geometry (``polcore.geometry.Geometry``) applied to every batch before the
+        preprocessors (:func:`polcore.geometry.apply_geometry`), as given. None = find it: the file's
+        calibration (``scan.meta``), ``geometry_overrides`` (user values: ``rotation_deg``, ``flip``, ...) and
+        estimates from the same first ``fit_patterns`` patterns that fit the preprocessors
+        (:func:`polcore.geometry.estimate_geometry_from`), then only the trusted parts are applied
+        (:func:`trusted_geometry`). No strided sample over the whole scan exists before inference (the file is
+        read once), so on a large scan the descan surface rests on the leading rows only; it is then 'low'
+        (coverage) and left out rather than extrapolated. With a fitted ``preprocessor`` and no ``geometry``
+        nothing is applied (that preprocessor was fitted on the raw patterns).
+    geometry_overrides : user values for the estimate (ignored when ``geometry`` is given).
+
+    The preprocessors are fitted on the geometry-corrected patterns, so their centre fit sees each disc where
+    the geometry put it.
     """
     from polcore.preprocess import com_magnitude
 
@@ -128,9 +147,18 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     done = 0
     t0 = time.perf_counter()
 
-    def run(pos, batch):
+    applied = None if geometry is None else _as_applied(geometry)
+
+    def correct(pos, batch):
+        if applied is None or applied["identity"]:
+            return batch
+        return apply_geometry(batch, pos, applied["geometry"])
+
+    def run(pos, batch, corrected: bool = False):
         nonlocal t_read, done
         t1 = time.perf_counter()
+        if not corrected:
+            batch = correct(pos, batch)
         Xs = [pre.transform(batch) for pre in pres]
         flat = pos[:, 0] * nx + pos[:, 1]
         com[flat] = com_magnitude(Xs[0])
@@ -152,9 +180,27 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         if progress is not None:
             progress(done / n_total, f"{done}/{n_total} patterns x {len(models)} model(s)")
 
-    pending = [] if preprocessor is None else None  # batches held until the fit
-    n_pending = 0
     meta = getattr(scan, "meta", None)
+    if preprocessor is not None and applied is None:
+        applied = _as_applied(Geometry(notes=("a fitted preprocessor was given: no geometry applied",)))
+    pending = [] if applied is None or preprocessor is None else None  # batches held until the fits
+    n_pending = 0
+
+    def flush():
+        nonlocal applied
+        if applied is None:
+            pos_all = np.concatenate([p for p, _ in pending])
+            est = estimate_geometry_from(np.concatenate([b for _, b in pending]), pos_all, (ny, nx), meta,
+                                         geometry_overrides, convergence_mrad=pres[0].convergence_mrad)
+            applied = trusted_geometry(est, pos_all)
+            for w in applied["warnings"]:
+                log.warning("geometry: %s", w)
+        fixed = [(p, correct(p, b)) for p, b in pending]
+        if preprocessor is None:
+            _fit_all(pres, fixed, meta)
+        for p, b in fixed:
+            run(p, b, corrected=True)
+
     for pos, batch in scan.iter_batches(batch_size):
         if pending is None:
             run(pos, batch)
@@ -162,14 +208,10 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         pending.append((pos, np.asarray(batch)))
         n_pending += len(pos)
         if n_pending >= fit_patterns:
-            _fit_all(pres, pending, meta)
-            for p, b in pending:
-                run(p, b)
+            flush()
             pending = None
     if pending:
-        _fit_all(pres, pending, meta)
-        for p, b in pending:
-            run(p, b)
+        flush()
     wall = time.perf_counter() - t0
     if done != n_total:
         raise RuntimeError(f"scan yielded {done} patterns, expected {n_total}")
@@ -186,12 +228,113 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
                 pred=o["pred"].reshape(ny, nx), probs=probs, confidence=probs.max(axis=-1),
                 com=com.reshape(ny, nx), sample_pos=sample_pos, features=feats, inputs=inp,
                 seconds=float(seconds[m] + share), n_patterns=n_total, device=_device_of(model),
-                preprocess=pres[group_of[m]].to_dict(),
+                preprocess=pres[group_of[m]].to_dict(), geometry=_geometry_record(applied),
             )
         )
     log.info("predicted %d patterns with %d model(s) (%d preprocessing group(s)) in %.1f s", n_total,
              len(models), len(pres), wall)
     return results
+
+
+_TRUSTED = ("file", "user")
+#: An estimated descan surface that moves the disc by less than this across the scan [px] is not applied: the
+#: preprocessor's single centre fit covers the constant part, and the rest is below the per-pattern centre error.
+MIN_DESCAN_PX = 0.5
+
+
+def trusted_geometry(est: Geometry, positions=None) -> dict:
+    """The part of an estimated geometry that is applied, and why the rest is not.
+
+    The trust rule: values from the file's calibration or from the user are always applied; an estimated
+    rotation and flip only when the estimator's confidence is 'high' (an estimated flip only together with a
+    trusted rotation, an estimated rotation only with a trusted flip); an estimated descan surface only when its
+    confidence is 'high' (and it moves the disc by at least :data:`MIN_DESCAN_PX` across the scan). Every other part stays at identity (rotation 0, no flip, no descan: the
+    preprocessor's single centre fit then places the disc) and a warning says so. When the rotation or flip is
+    applied without a descan surface, the patterns turn about the median disc centre of ``positions`` (a
+    constant, not a surface) so that the disc stays where the preprocessor finds it.
+
+    Returns ``{'geometry': Geometry applied, 'identity': bool, 'warnings': [str], 'estimate': est}``.
+    """
+    src, conf = dict(est.sources), dict(est.confidence)
+    warnings: list[str] = []
+
+    def trusted(key):
+        return src.get(key) in _TRUSTED or (src.get(key) == "estimated" and conf.get(key) == "high")
+
+    rot_ok, flip_ok = trusted("rotation_deg"), trusted("flip")
+    if src.get("rotation_deg") == "estimated" and not flip_ok:
+        rot_ok = False
+    if src.get("flip") == "estimated" and not rot_ok:
+        flip_ok = False
+    new_src, new_conf = dict(src), dict(conf)
+    rotation, flip = (est.rotation_deg if rot_ok else 0.0), (est.flip if flip_ok else False)
+    if not rot_ok:
+        new_src["rotation_deg"] = "default"
+        if src.get("rotation_deg") == "estimated":
+            why = ("known modulo 180 deg only at this thickness"
+                   if est.details.get("rotation", {}).get("half_turn_confidence") not in (None, "high")
+                   else f"confidence {conf.get('rotation_deg')}")
+            warnings.append(f"rotation: estimated {est.rotation_deg:.1f} deg ({why}) NOT applied, 0 deg used; "
+                            f"give the rotation if you know it (e.g. from a calibration scan)")
+        else:
+            reason = est.details.get("rotation", {}).get("reason") or "no estimate"
+            warnings.append(f"rotation: could not be estimated ({reason}); 0 deg used, give it if you know it")
+    if not flip_ok:
+        new_src["flip"] = "default"
+        if src.get("flip") == "estimated" and est.flip:
+            warnings.append(f"flip: estimated {est.flip} (confidence {conf.get('flip')}) NOT applied, no flip used")
+    dy, dx = est.descan_y, est.descan_x
+    d_ok = src.get("descan") == "user" or (src.get("descan") == "estimated" and conf.get("descan") == "high")
+    d_fit = est.details.get("descan") or {}
+    d_range = max(d_fit.get("range_y_px") or 0.0, d_fit.get("range_x_px") or 0.0)
+    small = d_ok and src.get("descan") == "estimated" and d_range < MIN_DESCAN_PX
+    notes_extra: list[str] = []
+    if small:
+        notes_extra.append(f"descan: the estimated surface moves the disc by {d_range:.2f} px across the scan "
+                           f"(< {MIN_DESCAN_PX} px): not applied, one disc centre for the whole scan")
+    if not d_ok or small:
+        if small:
+            pass  # a note, not a warning: nothing worth applying was found
+        elif src.get("descan") == "estimated":
+            d = est.details.get("descan", {})
+            warnings.append(
+                f"descan: estimated range {d.get('range_y_px', float('nan')):.1f} x {d.get('range_x_px', float('nan')):.1f}"
+                f" px (confidence {conf.get('descan')}; e.g. fitted on the first rows only) NOT applied: one disc "
+                f"centre for the whole scan")
+        elif src.get("descan") == "default":
+            warnings.append("descan: no disc centres found; one disc centre for the whole scan")
+        new_src["descan"] = "default"
+        dy = dx = None
+        if (rotation != 0.0 or flip) and est.descan_y is not None and positions is not None and len(positions):
+            c = np.median(est.disc_centre(positions), axis=0)
+            dy, dx = (float(c[0]), 0.0, 0.0), (float(c[1]), 0.0, 0.0)
+    warnings += [n for n in est.notes if "disagrees" in n]
+    notes = tuple(est.notes) + tuple(notes_extra) + tuple(f"NOT APPLIED: {w}" for w in warnings if "NOT applied" in w)
+    geom = Geometry(rotation_deg=rotation, flip=flip, descan_y=dy, descan_x=dx, mrad_per_px=est.mrad_per_px,
+                    sources=new_src, confidence=new_conf, notes=notes, details=est.details)
+    identity = geom.rotation_deg == 0.0 and not geom.flip and geom.descan_y is None
+    return dict(geometry=geom, identity=identity, warnings=warnings, estimate=est)
+
+
+def _as_applied(geom: Geometry) -> dict:
+    identity = geom.rotation_deg == 0.0 and not geom.flip and geom.descan_y is None
+    return dict(geometry=geom, identity=identity, warnings=[], estimate=None)
+
+
+def _geometry_record(applied: dict | None) -> dict:
+    """JSON-able record of the applied geometry (for the run's config)."""
+    if applied is None:
+        return {}
+    d = applied["geometry"].to_dict()
+    d["warnings"] = list(applied["warnings"])
+    d["applied"] = not applied["identity"]
+    d["sampling"] = "mrad_per_px is for display: the preprocessor resamples (calibration or disc radius)"
+    est = applied.get("estimate")
+    if est is not None:
+        e = est.to_dict()
+        e.pop("details", None)
+        d["estimate"] = e
+    return d
 
 
 def _fit_all(pres, pending, meta) -> None:
@@ -201,7 +344,9 @@ def _fit_all(pres, pending, meta) -> None:
 
 
 def predict_scan(scan, model, *, batch_size: int = 256, progress=None, preprocessor=None,
-                 embed_sample: int = 2000, seed: int = 0) -> ScanPrediction:
+                 embed_sample: int = 2000, seed: int = 0, geometry=None,
+                 geometry_overrides: dict | None = None) -> ScanPrediction:
     """Predict every position of ``scan`` with ``model``; see :func:`predict_scan_many`."""
     return predict_scan_many(scan, [model], batch_size=batch_size, progress=progress, preprocessor=preprocessor,
-                             embed_sample=embed_sample, seed=seed)[0]
+                             embed_sample=embed_sample, seed=seed, geometry=geometry,
+                             geometry_overrides=geometry_overrides)[0]

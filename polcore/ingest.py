@@ -172,11 +172,14 @@ class IngestResult:
     scan_id: int
     new_scan: bool
     run_ids: list[int]
+    #: the geometry applied to the patterns (``ScanPrediction.geometry``), None when no model ran
+    geometry: dict | None = None
 
 
 def ingest_scan(path, model_names=None, db_path=None, *, progress: Progress | None = None, name=None,
                 kind="experimental", dataset=None, model_dir=None, models=None, batch_size=256,
-                sha256: str | None = None, wait_s: float = INGEST_WAIT_S) -> int:
+                sha256: str | None = None, wait_s: float = INGEST_WAIT_S, rotation_deg: float | None = None,
+                flip: bool | None = None) -> int:
     """Read a scan once, run the chosen models, store their predictions; returns the scan id.
 
     Parameters
@@ -192,19 +195,25 @@ def ingest_scan(path, model_names=None, db_path=None, *, progress: Progress | No
         the file here.
     wait_s : while another live process ingests the same file, wait up to this many seconds for it (then
         :class:`polcore.store.StoreBusyError`; 0 = refuse at once).
+    rotation_deg, flip : the user's detector rotation [deg] and flip (py4DSTEM ``QR_rotation_degrees`` /
+        ``QR_flip`` convention, :mod:`polcore.geometry`); they win over the file's calibration and the estimate.
+        None = the file's value, else the estimate from the data (applied only when its confidence is 'high',
+        see :func:`polcore.infer.trusted_geometry`). The geometry used, with its sources and warnings, is stored
+        in every run's config (``config["geometry"]``).
 
     Re-ingesting a stored file with stored models adds nothing. A failure, or a killed process, leaves the
     store as it was (after the next ingest's cleanup, see the module docstring).
     """
     return ingest(path, model_names, db_path, progress=progress, name=name, kind=kind, dataset=dataset,
                   model_dir=model_dir, models=models, batch_size=batch_size, sha256=sha256,
-                  wait_s=wait_s).scan_id
+                  wait_s=wait_s, rotation_deg=rotation_deg, flip=flip).scan_id
 
 
 def ingest(path, model_names=None, db_path=None, *, progress: Progress | None = None, name=None,
            kind="experimental", dataset=None, model_dir=None, models=None, batch_size=256,
-           sha256: str | None = None, wait_s: float = INGEST_WAIT_S) -> IngestResult:
-    """:func:`ingest_scan` returning an :class:`IngestResult`.
+           sha256: str | None = None, wait_s: float = INGEST_WAIT_S, rotation_deg: float | None = None,
+           flip: bool | None = None) -> IngestResult:
+    """:func:`ingest_scan` returning an :class:`IngestResult` (with the geometry used, ``geometry``).
 
     ``wait_s``: how long to wait while another live process ingests the same file (0: refuse at once).
     """
@@ -224,22 +233,25 @@ def ingest(path, model_names=None, db_path=None, *, progress: Progress | None = 
     store = PredictionStore(db_path)
     cleanup_stale_ingests(db_path, store=store)
     owner = new_owner()
+    overrides = {k: v for k, v in (("rotation_deg", rotation_deg), ("flip", flip)) if v is not None}
     try:
-        return _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s)
+        return _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s,
+                             overrides)
     finally:
         release_owner(owner)
 
 
-def _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s):
+def _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s, overrides=None):
     claim = _claim(store, row, owner, path, db_path, wait_s, progress)
     new_scan = claim.state == "claimed"
     scan_id = claim.scan_id
     heartbeat = _Heartbeat(store, scan_id, owner) if new_scan else None
     temps: list[Path] = []
+    geometry: dict = {}
     try:
         _pause("scan_row")
         written = _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch_size, temps,
-                              owner=owner if new_scan else None)
+                              owner=owner if new_scan else None, overrides=overrides, geometry_out=geometry)
     except BaseException:
         if heartbeat is not None:
             heartbeat.stop()
@@ -253,7 +265,7 @@ def _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, 
             heartbeat.stop()
     _pause("commit")
     progress(1.0, f"stored {len(written)} run(s) for scan {scan_id}" if written else "already ingested")
-    return IngestResult(scan_id=scan_id, new_scan=new_scan, run_ids=written)
+    return IngestResult(scan_id=scan_id, new_scan=new_scan, run_ids=written, geometry=geometry or None)
 
 
 def cleanup_stale_ingests(db_path=None, *, store=None) -> list[int]:
@@ -377,7 +389,8 @@ def _roll_back(store, scan_id: int, owner: str, db_path: Path, path) -> None:
                   path, scan_id, err)
 
 
-def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch_size, temps, *, owner):
+def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch_size, temps, *, owner,
+                overrides=None, geometry_out: dict | None = None):
     """Run the models that lack a run on the scan and commit all their runs in one transaction; the run ids."""
     from polcore.analysis import estimate_cell_px, irregularity, pool_scan
     from polcore.infer import predict_scan_many
@@ -400,7 +413,9 @@ def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch
         return []
     progress(0.0, f"running {len(todo)} model(s) on {Path(path).name}")
     results = predict_scan_many(scan, [models[n][0] for n in todo], batch_size=batch_size,
-                                progress=lambda f, m: progress(0.9 * f, m))
+                                progress=lambda f, m: progress(0.9 * f, m), geometry_overrides=overrides or None)
+    if geometry_out is not None:
+        geometry_out.update(results[0].geometry)
     _pause("inference")
     period_source = "calibration" if period is not None else None
     if period is None:
@@ -420,7 +435,8 @@ def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch
             np.savez(fh, pos=res.sample_pos, features=res.features, inputs=res.inputs)
         feature_tmp[n] = tmp
         irr = irregularity(res.pred, res.probs, period_px=period)
-        cfg = dict(batch_size=batch_size, preprocessing=res.preprocess, cell_px=period, cell_px_source=period_source)
+        cfg = dict(batch_size=batch_size, preprocessing=res.preprocess, cell_px=period, cell_px_source=period_source,
+                   geometry=res.geometry)
         model = {"model_id": known[n]} if n in known else {"model": n}
         if not has(n):
             runs.append(dict(model, predictions=_prediction_frame(res, gt, irr), seconds=res.seconds,

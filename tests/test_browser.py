@@ -182,3 +182,30 @@ def test_upload_small_scan_shows_its_map(server, browser, page, tmp_path):
     assert page.get_by_text(re.compile(r"Predicted class \u2014 pca_knn-cls-s0")).count() >= 1
     assert not page_problems(page)
     assert list((server.info.data_dir / "uploads").glob("my_scan-*.h5"))
+
+
+def test_upload_page_shows_the_scan_geometry(server, page, shots, default_library):
+    """A scan recorded by a detector turned by 30 deg and flipped, with a +-3 px descan and no rotation in its
+    calibration: the Upload page shows the estimated rotation, flip, descan range and sampling before the run
+    (screenshot ``upload_geometry.png``, kept in docs/screenshots when ``POLBENCH_SHOTS`` points there)."""
+    from tests.test_geometry import _compose, _ramp, _record
+    from tests.test_geometry_ingest import _write
+
+    truth, data = _compose(default_library, n=24, thickness=10.0, seed=5)
+    rec = _record(data, 30.0, True, _ramp(24, 24, 3.0), 2e4, np.random.default_rng(4))
+    src = _write(server.info.data_dir / "rotated_detector.h5", truth, rec, calibrated_rotation=False)
+    open_page(page, server.url, "upload")
+    page.get_by_role("radiogroup", name="Source").get_by_text("Path on the server").click()
+    wait_idle(page)
+    box = page.get_by_label(re.compile("Path of the scan file"))
+    box.fill(str(src))
+    box.press("Enter")
+    page.get_by_text("Scan geometry").first.wait_for(timeout=60000)
+    page.get_by_text(re.compile(r"Use the file's / estimated values")).wait_for(timeout=60000)
+    wait_idle(page)
+    text = page.locator('[data-testid="stMain"]').inner_text()
+    m = re.search(r"Rotation\s+(-?[\d.]+)\u00b0", text)
+    assert m and abs(float(m.group(1)) - 30.0) < 2.0, text
+    assert "estimated, high confidence" in text and re.search(r"Flip\s+flip", text)
+    assert not page_problems(page)
+    full_screenshot(page, shots / "upload_geometry.png")

@@ -13,6 +13,7 @@ limit of a browser upload is Streamlit's ``server.maxUploadSize`` in ``.streamli
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -73,10 +74,12 @@ def build_demo(db_path: Path, progress=None):
 
 
 def ingest_scan(path: Path, model_names: list[str], db_path: Path, progress=None, name: str | None = None,
-                kind: str = "experimental", dataset: str | None = None) -> int:
+                kind: str = "experimental", dataset: str | None = None, *, rotation_deg: float | None = None,
+                flip: bool | None = None) -> int:
     """Ingest one scan with the chosen models (:func:`polcore.ingest.ingest_scan`); returns the scan_id.
 
     Checkpoints come from :func:`polcore.settings.models_dir`. A failed ingest leaves the database as it was.
+    ``rotation_deg`` / ``flip``: the user's detector geometry (None = the file's, else the estimate).
     """
     from polcore.ingest import ingest_scan as _ingest
 
@@ -84,7 +87,7 @@ def ingest_scan(path: Path, model_names: list[str], db_path: Path, progress=None
     with _UPLOAD_LOCK:
         sha = _UPLOAD_SHA.get(str(path))
     return _ingest(path, model_names, db_path, progress=progress, name=name, kind=kind, dataset=dataset,
-                   model_dir=settings.models_dir(), sha256=sha)
+                   model_dir=settings.models_dir(), sha256=sha, rotation_deg=rotation_deg, flip=flip)
 
 
 def available_models(model_dir: Path | None = None) -> dict[str, Path]:
@@ -323,3 +326,77 @@ def read_pattern(path: str | Path, iy: int, ix: int):
 
     scan = open_scan(Path(path))
     return scan.pattern(int(iy), int(ix))
+
+
+#: Patterns read for the geometry shown before an ingest: the same leading patterns the ingest fits on.
+GEOMETRY_PATTERNS = 4096
+
+
+def _model_convergence() -> float | None:
+    """The probe semi-angle [mrad] in a trained model's preprocessing (for the camera length from the disc)."""
+    from polcore.models import read_checkpoint_meta
+
+    for p in available_models().values():
+        try:
+            conv = (read_checkpoint_meta(p).get("preprocessing") or {}).get("convergence_mrad")
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is skipped
+            continue
+        if conv:
+            return float(conv)
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _estimate_geometry_cached(path: str, mtime_ns: int, size: int, rotation_deg, flip,
+                              convergence_mrad) -> dict:
+    import numpy as np
+
+    from polcore.geometry import estimate_geometry_from
+    from polcore.infer import trusted_geometry
+    from polcore.io import open_scan
+
+    scan = open_scan(Path(path))
+    ny, nx = (int(v) for v in scan.nav_shape)
+    pos, pats, n = [], [], 0
+    gen = scan.iter_batches(256)
+    try:
+        for p, b in gen:
+            pos.append(np.asarray(p))
+            pats.append(np.asarray(b))
+            n += len(p)
+            if n >= GEOMETRY_PATTERNS:
+                break
+    finally:
+        close = getattr(gen, "close", None)
+        if close is not None:
+            close()
+    overrides = {k: v for k, v in (("rotation_deg", rotation_deg), ("flip", flip)) if v is not None}
+    pos_all = np.concatenate(pos)
+    est = estimate_geometry_from(np.concatenate(pats), pos_all, (ny, nx), scan.meta, overrides,
+                                 convergence_mrad=convergence_mrad)
+    applied = trusted_geometry(est, pos_all)
+    return dict(estimate=est.to_dict(), applied=applied["geometry"].to_dict(), identity=applied["identity"],
+                warnings=list(applied["warnings"]), n_patterns=int(n), nav_shape=(ny, nx))
+
+
+def estimate_scan_geometry(path: str | Path, *, rotation_deg: float | None = None, flip: bool | None = None,
+                           convergence_mrad: float | None = None) -> dict:
+    """The scan geometry an ingest of ``path`` would find and apply, before it runs.
+
+    Reads the first :data:`GEOMETRY_PATTERNS` patterns (the ones the ingest's preprocessing fit uses; bounded
+    memory: at most that many patterns, bounded time: about 0.5 s per 1,000 patterns of 64 x 64) and runs
+    :func:`polcore.geometry.estimate_geometry_from` with the file's calibration and the user's overrides, then
+    :func:`polcore.infer.trusted_geometry` (the trust rule). Cached per (file, modification time, size,
+    overrides).
+
+    Returns
+    -------
+    dict: ``estimate`` (Geometry dict: every number with its source and confidence), ``applied`` (what the ingest
+    applies), ``identity`` (nothing applied), ``warnings`` (list of str), ``n_patterns``, ``nav_shape``.
+    """
+    p = Path(path).resolve()
+    st_ = p.stat()
+    conv = convergence_mrad if convergence_mrad is not None else _model_convergence()
+    return _estimate_geometry_cached(str(p), st_.st_mtime_ns, st_.st_size,
+                                     None if rotation_deg is None else float(rotation_deg),
+                                     None if flip is None else bool(flip), conv)

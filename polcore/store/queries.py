@@ -13,6 +13,7 @@ zonemaps skip the other runs' row groups and these queries stay fast at millions
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Iterable
@@ -920,3 +921,16 @@ def mean_accuracy_by_model(store: PredictionStore, kind: str = "pseudo_experimen
         [kind],
     )
     return dict(zip(df["model_name"], df["acc"].astype(float)))
+
+
+def run_config(store: PredictionStore, run_id: int) -> dict | None:
+    """One run's config (``runs.config_json``) as a dict: batch size, preprocessing, cell period, the scan
+    geometry used (``"geometry"``, see :func:`polcore.infer.trusted_geometry`); {} when none was stored, None for
+    an unknown run."""
+    df = store.fetch_df("SELECT config_json FROM runs WHERE run_id = ?", [int(run_id)])
+    if df.empty:
+        return None
+    raw = df["config_json"].iloc[0]
+    if raw is None or _isnull(raw) or raw == "":
+        return {}
+    return json.loads(raw) if isinstance(raw, str) else dict(raw)
