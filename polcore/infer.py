@@ -128,7 +128,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     The preprocessors are fitted on the geometry-corrected patterns, so their centre fit sees each disc where
     the geometry put it.
     """
-    from polcore.preprocess import com_magnitude
+    from polcore.preprocess import _repair, com_magnitude, find_hot_pixels
 
     if not models:
         raise ValueError("no models given")
@@ -148,10 +148,13 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     t0 = time.perf_counter()
 
     applied = None if geometry is None else _as_applied(geometry)
+    hot = np.zeros((0, 2), int)  # detector-fixed hot pixels: repaired BEFORE a geometry moves them around
 
     def correct(pos, batch):
         if applied is None or applied["identity"]:
             return batch
+        if len(hot):
+            batch = _repair(np.asarray(batch, np.float32), hot)
         return apply_geometry(batch, pos, applied["geometry"])
 
     def run(pos, batch, corrected: bool = False):
@@ -187,10 +190,14 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     n_pending = 0
 
     def flush():
-        nonlocal applied
+        nonlocal applied, hot
+        first = np.concatenate([b for _, b in pending])
+        hot = find_hot_pixels(first.astype(np.float64).mean(axis=0))
         if applied is None:
             pos_all = np.concatenate([p for p, _ in pending])
-            est = estimate_geometry_from(np.concatenate([b for _, b in pending]), pos_all, (ny, nx), meta,
+            if len(hot):
+                first = _repair(first.astype(np.float32), hot)
+            est = estimate_geometry_from(first, pos_all, (ny, nx), meta,
                                          geometry_overrides, convergence_mrad=pres[0].convergence_mrad)
             applied = trusted_geometry(est, pos_all)
             for w in applied["warnings"]:
