@@ -33,6 +33,7 @@ __all__ = [
     "StoreInfo",
     "build_store",
     "write_scan",
+    "write_plain_scan",
     "disc_patterns",
     "make_labels",
     "fake_predictions",
@@ -185,6 +186,13 @@ def fake_predictions(
         "probs": probs.astype(np.float32),
         "confidence": probs.max(axis=-1).astype(np.float32),
     }
+
+
+def write_plain_scan(path: Path, ny: int, nx: int, *, thickness_nm: float = 20.0, seed: int = 0) -> Path:
+    """A small scan of random domains at one thickness, without defects (:func:`write_scan`), for ingest tests."""
+    rng = np.random.default_rng(seed)
+    lab = make_labels(ny, nx, rng)
+    return write_scan(path, lab, np.full(lab.shape, thickness_nm, np.float32), np.zeros(lab.shape, bool), rng)
 
 
 def write_checkpoint(models_dir: Path, rng: np.random.Generator) -> Path:

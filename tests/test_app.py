@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_fixtures import build_store, make_labels, write_scan
+from app_fixtures import build_store, make_labels, write_plain_scan, write_scan
 from streamlit.testing.v1 import AppTest
 
 from polcore.types import Filters
@@ -269,15 +269,7 @@ def test_failed_ingest_leaves_database_unchanged(store_info):
     from polcore.store import PredictionStore
     from ui.backend import ingest_scan
 
-    rng = np.random.default_rng(4)
-    lab = make_labels(8, 8, rng)
-    path = write_scan(
-        store_info.data_dir / "uploads" / "cancel.h5",
-        lab,
-        np.full(lab.shape, 20.0, np.float32),
-        np.zeros(lab.shape, bool),
-        rng,
-    )
+    path = write_plain_scan(store_info.data_dir / "uploads" / "cancel.h5", 8, 8, seed=4)
     store = PredictionStore(store_info.db)
     before = store.counts()
     calls = []

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from app_fixtures import DET, MRAD_PER_PX, STEP_NM, disc_patterns, make_labels, write_checkpoint, write_scan
+from app_fixtures import (
+    DET,
+    MRAD_PER_PX,
+    STEP_NM,
+    disc_patterns,
+    make_labels,
+    write_checkpoint,
+    write_plain_scan,
+    write_scan,
+)
 
 
 @pytest.fixture()
@@ -110,10 +118,7 @@ def test_failed_ingest_leaves_the_database_exactly_as_it_was(env):
 
     data, scan = env
     db = data / "db.duckdb"
-    rng = np.random.default_rng(5)
-    lab = make_labels(10, 10, rng)
-    other = write_scan(data / "scans" / "other.h5", lab, np.full(lab.shape, 35.0, np.float32),
-                       np.zeros(lab.shape, bool), rng)
+    other = write_plain_scan(data / "scans" / "other.h5", 10, 10, thickness_nm=35.0, seed=5)
     ingest_scan(other, None, db, kind="synthetic")  # the store is not empty
     # a second model under another name: copy the checkpoint with another seed in its metadata
     import json
@@ -258,4 +263,3 @@ def test_demo_steps_on_a_tiny_table(tiny_library, tmp_path, monkeypatch):
     assert not queries.embeddings(store, None, "pca", "input").empty
     again = build_demo(db, library=tiny_library, models_dir=models, scans=table, embed_methods=("pca",))
     assert again["bench_rows"] == 2 and store.counts()["runs"] == 2  # idempotent
-    assert os.environ["POLBENCH_DATA"].endswith("data")

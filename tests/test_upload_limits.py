@@ -16,9 +16,8 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
-import numpy as np
 import pytest
-from app_fixtures import build_store, make_labels, write_scan
+from app_fixtures import build_store, write_plain_scan
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,15 +340,7 @@ def test_upload_page_saves_then_releases_the_upload(store_info, monkeypatch):
         removed.append((file_id, len(self.file_storage.get(session_id, {}))))
 
     monkeypatch.setattr(MemoryUploadedFileManager, "remove_file", remove_file)
-    rng = np.random.default_rng(5)
-    lab = make_labels(6, 7, rng)
-    src = write_scan(
-        store_info.data_dir / "tmp_src" / "small.h5",
-        lab,
-        np.full(lab.shape, 20.0, np.float32),
-        np.zeros(lab.shape, bool),
-        rng,
-    )
+    src = write_plain_scan(store_info.data_dir / "tmp_src" / "small.h5", 6, 7, seed=5)
     at = _upload_page()
     assert any("200 MB" in c.value for c in at.caption), "the per-file limit is stated on the page"
     at.file_uploader[0].set_value(("small.h5", src.read_bytes(), "application/octet-stream")).run()
@@ -429,15 +420,7 @@ def test_cancelled_ingest_job_stores_nothing(store_info):
     from polcore.store import PredictionStore
     from ui.backend import ingest_scan
 
-    rng = np.random.default_rng(6)
-    lab = make_labels(8, 8, rng)
-    path = write_scan(
-        store_info.data_dir / "uploads" / "to-cancel.h5",
-        lab,
-        np.full(lab.shape, 20.0, np.float32),
-        np.zeros(lab.shape, bool),
-        rng,
-    )
+    path = write_plain_scan(store_info.data_dir / "uploads" / "to-cancel.h5", 8, 8, seed=6)
     store = PredictionStore(store_info.db)
     before = store.counts()
     reg = _registry()
