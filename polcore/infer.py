@@ -96,7 +96,7 @@ def _groups(models, preprocessor) -> tuple[list, list[int]]:
 
 def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, preprocessor=None,
                       fit_patterns: int = 4096, embed_sample: int = 2000, seed: int = 0, geometry=None,
-                      geometry_overrides: dict | None = None) -> list[ScanPrediction]:
+                      geometry_overrides: dict | None = None, on_batch=None) -> list[ScanPrediction]:
     """Run several models over one scan in ONE pass over the file.
 
     Models whose preprocessing settings agree (target sampling, convergence, size) share one preprocessor;
@@ -124,6 +124,9 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         (coverage) and left out rather than extrapolated. With a fitted ``preprocessor`` and no ``geometry``
         nothing is applied (that preprocessor was fitted on the raw patterns).
     geometry_overrides : user values for the estimate (ignored when ``geometry`` is given).
+    on_batch : optional ``on_batch(flat, preds)`` after each batch: ``flat`` (n,) flat scan indices
+        (``iy * nx + ix``) of the batch and ``preds`` one (n,) int8 class array per model, in ``models`` order
+        (progressive maps; an exception raised there stops the pass, like one raised in ``progress``).
 
     The preprocessors are fitted on the geometry-corrected patterns, so their centre fit sees each disc where
     the geometry put it.
@@ -180,6 +183,8 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
             if sel.any():
                 o["feats"].append(np.asarray(emb, np.float32)[sel])
         done += len(flat)
+        if on_batch is not None:
+            on_batch(flat, [o["pred"][flat] for o in outs])
         if progress is not None:
             progress(done / n_total, f"{done}/{n_total} patterns x {len(models)} model(s)")
 

@@ -48,13 +48,14 @@ class DrawSampler:
     lib : ``DrawLibrary``.
     roles : roles to sample from.
     thickness : thicknesses [nm] to sample (None = all of the roles').
+    thickness_weights : ``((thickness_nm, weight), ...)``: relative sampling weights (others 1); None = uniform.
     augment : a :class:`MicroscopeAugment` or None (noise-free patterns).
     batch_size : patterns per batch.
     seed : the run's seed.
     """
 
     def __init__(self, lib, roles=("train",), thickness=None, augment=None, batch_size: int = 128, seed: int = 0,
-                 draws: dict | None = None, ramp: tuple[int, int] | None = None):
+                 draws: dict | None = None, ramp: tuple[int, int] | None = None, thickness_weights=None):
         from polcore.simulate.draws import QUARTER_TURN_CLASS
 
         self.parts = []
@@ -65,7 +66,9 @@ class DrawSampler:
             t_idx = (np.arange(len(ts)) if thickness is None
                      else np.unique([lib.thickness_index(role, t) for t in np.atleast_1d(thickness)]))
             base = lib.base[role] if not draws or role not in draws else lib.base[role][np.asarray(draws[role])]
-            self.parts.append((base, t_idx))
+            tw = dict(thickness_weights or ())
+            w = np.array([next((v for t, v in tw.items() if abs(t - ts[i]) < 1e-3), 1.0) for i in t_idx])
+            self.parts.append((base, t_idx, None if thickness_weights is None else w / w.sum()))
         self.weights = np.array([p[0].shape[0] * len(p[1]) for p in self.parts], float)
         self.weights /= self.weights.sum()
         self.qtc = np.array(QUARTER_TURN_CLASS)
@@ -91,11 +94,11 @@ class DrawSampler:
         part = rng.choice(len(self.parts), size=n, p=self.weights)
         raws, ys = [], []
         for pi in np.unique(part):
-            base, t_idx = self.parts[pi]
+            base, t_idx, t_p = self.parts[pi]
             m = int(np.sum(part == pi))
             D, B, _, N, _, _, _ = base.shape
             d, b = rng.integers(D, size=m), rng.integers(B, size=m)
-            t = t_idx[rng.integers(len(t_idx), size=m)]
+            t = t_idx[rng.integers(len(t_idx), size=m) if t_p is None else rng.choice(len(t_idx), size=m, p=t_p)]
             py, px, q = rng.integers(N, size=m), rng.integers(N, size=m), rng.integers(4, size=m)
             raw = torch.from_numpy(base[d, b, t, py, px].astype(np.float32)) / self.scale
             for k in range(1, 4):
@@ -150,6 +153,29 @@ def validation_set(lib, thickness=None, dose: float = 2e4, max_patterns: int = 6
     return np.concatenate(Xs), np.concatenate(ys).astype(np.int64)
 
 
+def _parent_model(cfg, out_dir: Path):
+    """The checkpoint a fine-tune starts from (``cfg.init_from`` in ``out_dir``), checked against ``cfg``.
+
+    Returns (model, {"name", "checkpoint", "sha256", "library_sha256"})."""
+    import hashlib
+
+    from polcore.models import checkpoint_suffix, load_checkpoint
+
+    path = out_dir / f"{cfg.init_from}{checkpoint_suffix(cfg.family)}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{cfg.name}: fine-tuning starts from {path}, which does not exist; train "
+                                f"{cfg.init_from} into {out_dir} first")
+    model = load_checkpoint(path, device="cpu")
+    arch = model.cfg.get("arch")
+    if model.meta.get("family") != cfg.family or model.meta.get("head") != cfg.head or (cfg.arch and arch != cfg.arch):
+        raise ValueError(f"{cfg.name}: {path} is {model.meta.get('family')}/{arch}/{model.meta.get('head')}, not "
+                         f"{cfg.family}/{cfg.arch}/{cfg.head}")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    return model, {"name": cfg.init_from, "checkpoint": str(path), "sha256": sha,
+                   "library_sha256": model.meta.get("library_sha256"),
+                   "train_config": model.meta.get("train_config")}
+
+
 def train_on_draws(cfg, lib, *, out_dir, progress=None):
     """Train ``cfg`` (``data='draws'``) on a ``DrawLibrary``, evaluate on held-out draws, save the checkpoint.
 
@@ -186,7 +212,7 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
         raise ValueError(f"the draw library {lib.path} has no 'val' draws")
     ramp = (cfg.warmup_steps, cfg.augment_ramp) if cfg.augment_ramp else None
     sampler = DrawSampler(lib, cfg.train_roles, cfg.train_thickness_nm, aug, cfg.batch_size, cfg.seed,
-                          draws=train_draws, ramp=ramp)
+                          draws=train_draws, ramp=ramp, thickness_weights=cfg.thickness_weights)
     if cfg.warmup_steps:
         easy_aug = MicroscopeAugment(scale_range=0.0, shift_px=0.0, p_blur=0.0, p_background=0.0, p_hot=0.0)
         easy = DrawSampler(lib, ("ideal_train",), (20.0,), easy_aug, cfg.batch_size, cfg.seed + 17)
@@ -198,6 +224,7 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
                             max_patterns=cfg.max_val_patterns or 6144, draws=val_draws)
     if progress is not None:
         progress(0.0, f"{cfg.name}: training on {sum(lib.n_draws(r) for r in cfg.train_roles)} draws")
+    parent = None
     if cfg.family == "pca_knn":
         model = build_model("pca_knn", "cls", random_state=cfg.seed, **cfg.model_kwargs)
         n_b = max(1, cfg.n_fit_patterns // cfg.batch_size)
@@ -207,9 +234,12 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
         model.fit(X, y, Xv, yv, progress=scaled(progress, 0.05, 0.8))
         steps_run = n_b
     else:
-        model = build_model(cfg.family, cfg.head, **({"arch": cfg.arch} if cfg.arch else {}), **cfg.model_kwargs)
+        if cfg.init_from:
+            model, parent = _parent_model(cfg, Path(out_dir))
+        else:
+            model = build_model(cfg.family, cfg.head, **({"arch": cfg.arch} if cfg.arch else {}), **cfg.model_kwargs)
         model.fit_stream(sampler, Xv, yv, steps=int(cfg.steps) + cfg.warmup_steps, lr=cfg.lr,
-                         weight_decay=cfg.weight_decay,
+                         weight_decay=cfg.weight_decay, fit_norm=parent is None,
                          eval_every=cfg.eval_every, patience=cfg.patience,
                          progress=scaled(progress, 0.02, 0.85, f"{cfg.name}: "))
         steps_run = max((h.get("step", 0) for h in model.history_), default=0)
@@ -253,6 +283,8 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
         "steps_run": steps_run,
         "train_seconds": train_seconds,
     }
+    if parent is not None:
+        meta["init_from"] = parent
     path = checkpoint_path(cfg, Path(out_dir))
     result.checkpoint = str(path)
     meta["train_result"] = result.to_dict()

@@ -196,3 +196,36 @@ def test_train_on_draws_saves_heldout_rows(tiny_draws, tmp_path):
     assert len(table) == 4 and list(table["kind"]) == ["model", "model", "limit", "limit"]
     with pytest.raises(ValueError, match="per_cell"):
         PredictionStore(db).write_heldout(limit.assign(per_cell=1.5))
+
+
+def test_fine_tune_starts_from_its_parent_and_weights_thicknesses(tiny_draws, tmp_path):
+    import hashlib
+
+    from polcore.models import load_checkpoint
+    from polcore.train import TrainConfig, train_model
+    from polcore.train_draws import DrawSampler
+
+    common = dict(family="custom_cnn", data="draws", eval_every=2, batch_size=16, train_thickness_nm=None)
+    parent_cfg = TrainConfig(steps=4, lr=1e-3, **common)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_model(TrainConfig(steps=2, init_from=parent_cfg.name, tag="ft", **common), tiny_draws,
+                    out_dir=tmp_path)
+    parent, pres = train_model(parent_cfg, tiny_draws, out_dir=tmp_path)
+    # a fine-tune at a vanishing learning rate keeps the parent's weights and input normalisation
+    cfg = TrainConfig(steps=2, lr=1e-9, init_from=parent_cfg.name, tag="ft",
+                      thickness_weights=((4.0, 3.0),), **common)
+    child, res = train_model(cfg, tiny_draws, out_dir=tmp_path)
+    x = np.random.default_rng(0).random((8, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(child.predict_proba(x), parent.predict_proba(x), atol=1e-4)
+    meta = load_checkpoint(res.checkpoint, device="cpu").meta
+    parent_file = tmp_path / f"{parent_cfg.name}.pt"
+    assert meta["init_from"]["name"] == parent_cfg.name
+    assert meta["init_from"]["sha256"] == hashlib.sha256(parent_file.read_bytes()).hexdigest()
+    assert TrainConfig.from_dict(meta["train_config"]) == cfg
+    # the sampler draws 4 nm three times as often as 8 nm
+    s = DrawSampler(tiny_draws, thickness_weights=((4.0, 3.0),))
+    ts = tiny_draws.thickness_nm["train"]
+    p = dict(zip(ts.tolist(), s.parts[0][2].tolist()))
+    assert p[4.0] == pytest.approx(0.75) and p[8.0] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="positive"):
+        TrainConfig(steps=2, thickness_weights=((4.0, 0.0),), **common)

@@ -406,6 +406,7 @@ class TorchModel:
         eval_every: int = 250,
         patience: int | None = None,
         norm_X=None,
+        fit_norm: bool = True,
         progress: Callable[[float, str], None] | None = None,
     ) -> TorchModel:
         """Train on freshly sampled batches (a library too large to visit, augmented on the fly).
@@ -421,6 +422,7 @@ class TorchModel:
         steps : optimisation steps.
         patience : evaluations without a lower validation loss before stopping (None = never).
         norm_X : patterns for the input normalisation (default: a few sampled batches).
+        fit_norm : False keeps the current input normalisation (fine-tuning a trained model).
         progress : optional ``progress(fraction, message)``.
         """
         if steps < 1:
@@ -429,7 +431,7 @@ class TorchModel:
         yv = np.asarray(y_val, dtype=np.int64)
         order = np.random.default_rng(1).permutation(len(yv))  # mixed classes per batch (proto loss)
         xv, yv = xv[order], yv[order]
-        if self.net.input_norm.enabled:
+        if self.net.input_norm.enabled and fit_norm:
             if norm_X is None:
                 norm_X = np.concatenate([sample(-1 - i)[0] for i in range(8)])
             self.net.input_norm.fit(_as_input(norm_X))
