@@ -65,6 +65,9 @@ def main(argv=None):
     ap.add_argument("--thickness", type=float, default=10.0)
     ap.add_argument("--side", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--refine-model", default=None,
+                    help="a checkpoint: also refine each estimate with this model (polcore.refine, the angle within "
+                         "2 deg of the estimate at which the model is surest) and print the refined error")
     args = ap.parse_args(argv)
 
     from polcore.geometry import Geometry, apply_geometry, estimate_geometry_from
@@ -72,6 +75,17 @@ def main(argv=None):
     from polcore.simulate.composer import ScanComposerConfig, compose_scan
 
     lib = load_library()
+    refiner = None
+    if args.refine_model:
+        from polcore.infer import make_preprocessor
+        from polcore.models import load_checkpoint
+        from polcore.refine import refine_rotation
+
+        rmodel = load_checkpoint(args.refine_model, device="cpu")
+
+        def refiner(patterns, g):
+            return refine_rotation(rmodel, lambda: make_preprocessor(rmodel), patterns, pos, g,
+                                   max_patterns=768)[0]
     rng = np.random.default_rng(args.seed)
     n = args.side
     pos = np.stack(np.mgrid[0:n, 0:n], -1).reshape(-1, 2)
@@ -104,13 +118,18 @@ def main(argv=None):
                 dmax = float(np.abs(surf - d.reshape(-1, 2)).max())
                 fit = g.details["descan"]
                 rerr = (fit["range_y_px"] - true_range[0], fit["range_x_px"] - true_range[1])
+                ref_txt, ref180 = "", None
+                if refiner is not None:
+                    ref_err = (refiner(rec.reshape(-1, K, K), g) - theta + 180) % 360 - 180
+                    ref180 = (ref_err + 90) % 180 - 90
+                    ref_txt = f" | refined err {ref_err:7.2f} mod180 {ref180:6.2f}"
                 rows.append(dict(dose=dose, err=err, err180=err180, flip_ok=g.flip == flip,
                                  conf=g.confidence["rotation_deg"], half=r.get("half_turn_confidence"), dmax=dmax,
-                                 rerr=max(abs(rerr[0]), abs(rerr[1]))))
+                                 rerr=max(abs(rerr[0]), abs(rerr[1])), ref180=ref180))
                 print(f"{dose:6.0e} {theta:8.2f} {flip!s:>5} | {g.rotation_deg:8.2f} {g.flip!s:>5} {err:7.2f} "
                       f"{err180:7.2f} {g.confidence['rotation_deg']:>5} {r.get('half_turn_confidence', '-'):>5} "
                       f"{(r.get('half_turn_r') or 0):5.2f} {r.get('rotation_se_deg', float('nan')):5.2f} | "
-                      f"{dmax:11.2f} px {rerr[0]:+6.2f}/{rerr[1]:+6.2f} px {dt:5.1f}", flush=True)
+                      f"{dmax:11.2f} px {rerr[0]:+6.2f}/{rerr[1]:+6.2f} px {dt:5.1f}{ref_txt}", flush=True)
     print()
     for dose in args.doses:
         sel = [x for x in rows if x["dose"] == dose]
@@ -121,6 +140,10 @@ def main(argv=None):
               f"{sum(abs(x['err']) < 90 for x in sel)}/{len(sel)}; 'high' {len(hi)}/{len(sel)}, of which full-angle "
               f"|error| max {max([abs(x['err']) for x in hi], default=float('nan')):.2f} deg; descan max error "
               f"{max(x['dmax'] for x in sel):.2f} px, range error max {max(x['rerr'] for x in sel):.2f} px")
+        if refiner is not None:
+            r180 = [abs(x["ref180"]) for x in sel]
+            print(f"  refined by the model: |error| mod 180 median {np.median(r180):.2f}, max {max(r180):.2f} deg "
+                  f"({sum(e < 2.0 for e in r180)}/{len(sel)} within 2 deg)")
     # speed of apply_geometry on 64 x 64 patterns (batches of 256)
     g = Geometry(rotation_deg=37.0, flip=True, descan_y=(32.0, 0.01, 0.0), descan_x=(32.0, 0.0, -0.01))
     x = np.random.default_rng(1).random((256, 64, 64)).astype(np.float32)

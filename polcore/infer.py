@@ -96,7 +96,8 @@ def _groups(models, preprocessor) -> tuple[list, list[int]]:
 
 def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, preprocessor=None,
                       fit_patterns: int = 4096, embed_sample: int = 2000, seed: int = 0, geometry=None,
-                      geometry_overrides: dict | None = None, on_batch=None) -> list[ScanPrediction]:
+                      geometry_overrides: dict | None = None, on_batch=None,
+                      refine: bool = True) -> list[ScanPrediction]:
     """Run several models over one scan in ONE pass over the file.
 
     Models whose preprocessing settings agree (target sampling, convergence, size) share one preprocessor;
@@ -124,6 +125,8 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         (coverage) and left out rather than extrapolated. With a fitted ``preprocessor`` and no ``geometry``
         nothing is applied (that preprocessor was fitted on the raw patterns).
     geometry_overrides : user values for the estimate (ignored when ``geometry`` is given).
+    refine : refine an estimated, trusted rotation with the first model (:func:`polcore.refine.refine_rotation`:
+        the angle within 2 deg at which the model is surest); file and user values are never changed.
     on_batch : optional ``on_batch(flat, preds)`` after each batch: ``flat`` (n,) flat scan indices
         (``iy * nx + ix``) of the batch and ``preds`` one (n,) int8 class array per model, in ``models`` order
         (progressive maps; an exception raised there stops the pass, like one raised in ``progress``).
@@ -205,6 +208,8 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
             est = estimate_geometry_from(first, pos_all, (ny, nx), meta,
                                          geometry_overrides, convergence_mrad=pres[0].convergence_mrad)
             applied = trusted_geometry(est, pos_all)
+            if refine and models:
+                applied = _refine_rotation(applied, models[0], first, pos_all)
             for w in applied["warnings"]:
                 log.warning("geometry: %s", w)
         fixed = [(p, correct(p, b)) for p, b in pending]
@@ -326,6 +331,21 @@ def trusted_geometry(est: Geometry, positions=None) -> dict:
                     sources=new_src, confidence=new_conf, notes=notes, details=est.details)
     identity = geom.rotation_deg == 0.0 and not geom.flip and geom.descan_y is None
     return dict(geometry=geom, identity=identity, warnings=warnings, estimate=est)
+
+
+def _refine_rotation(applied: dict, model, patterns, positions) -> dict:
+    """``applied`` with its estimated (trusted) rotation refined by ``model`` (:mod:`polcore.refine`)."""
+    from polcore.refine import refine_rotation
+
+    g = applied["geometry"]
+    if g.sources.get("rotation_deg") != "estimated" or not len(patterns):
+        return applied
+    rot, info = refine_rotation(model, lambda: make_preprocessor(model), patterns, positions, g, max_patterns=768)
+    details = dict(g.details)
+    details["rotation_refined"] = info
+    notes = tuple(g.notes) + (f"rotation refined by the model from {info['from_deg']:.2f} to {rot:.2f} deg "
+                              f"(minimum prediction entropy)",)
+    return {**applied, "geometry": g.replace(rotation_deg=rot, details=details, notes=notes)}
 
 
 def _as_applied(geom: Geometry) -> dict:
