@@ -79,13 +79,18 @@ def main(argv=None):
     if args.refine_model:
         from polcore.infer import make_preprocessor
         from polcore.models import load_checkpoint
-        from polcore.refine import refine_rotation
+        from polcore.refine import _entropy_at, refine_rotation
 
         rmodel = load_checkpoint(args.refine_model, device="cpu")
 
         def refiner(patterns, g):
-            return refine_rotation(rmodel, lambda: make_preprocessor(rmodel), patterns, pos, g,
-                                   max_patterns=768)[0]
+            """(refined angle, the model's mean entropy there, and at the angle 180 deg away)."""
+            def mk():
+                return make_preprocessor(rmodel)
+
+            best, info = refine_rotation(rmodel, mk, patterns, pos, g, max_patterns=768)
+            e_best = _entropy_at(rmodel, mk, patterns, pos, g, best)
+            return best, e_best, _entropy_at(rmodel, mk, patterns, pos, g, best + 180.0)
     rng = np.random.default_rng(args.seed)
     n = args.side
     pos = np.stack(np.mgrid[0:n, 0:n], -1).reshape(-1, 2)
@@ -120,12 +125,15 @@ def main(argv=None):
                 rerr = (fit["range_y_px"] - true_range[0], fit["range_x_px"] - true_range[1])
                 ref_txt, ref180 = "", None
                 if refiner is not None:
-                    ref_err = (refiner(rec.reshape(-1, K, K), g) - theta + 180) % 360 - 180
+                    best, e_best, e_half = refiner(rec.reshape(-1, K, K), g)
+                    ref_err = (best - theta + 180) % 360 - 180
                     ref180 = (ref_err + 90) % 180 - 90
-                    ref_txt = f" | refined err {ref_err:7.2f} mod180 {ref180:6.2f}"
+                    ref_txt = (f" | refined err {ref_err:7.2f} mod180 {ref180:6.2f}; entropy {e_best:.3f}, "
+                               f"180 deg away {e_half:.3f}")
                 rows.append(dict(dose=dose, err=err, err180=err180, flip_ok=g.flip == flip,
                                  conf=g.confidence["rotation_deg"], half=r.get("half_turn_confidence"), dmax=dmax,
-                                 rerr=max(abs(rerr[0]), abs(rerr[1])), ref180=ref180))
+                                 rerr=max(abs(rerr[0]), abs(rerr[1])), ref180=ref180,
+                                 dhalf=None if ref180 is None else e_half - e_best))
                 print(f"{dose:6.0e} {theta:8.2f} {flip!s:>5} | {g.rotation_deg:8.2f} {g.flip!s:>5} {err:7.2f} "
                       f"{err180:7.2f} {g.confidence['rotation_deg']:>5} {r.get('half_turn_confidence', '-'):>5} "
                       f"{(r.get('half_turn_r') or 0):5.2f} {r.get('rotation_se_deg', float('nan')):5.2f} | "
@@ -143,7 +151,9 @@ def main(argv=None):
         if refiner is not None:
             r180 = [abs(x["ref180"]) for x in sel]
             print(f"  refined by the model: |error| mod 180 median {np.median(r180):.2f}, max {max(r180):.2f} deg "
-                  f"({sum(e < 2.0 for e in r180)}/{len(sel)} within 2 deg)")
+                  f"({sum(e < 2.0 for e in r180)}/{len(sel)} within 2 deg); the model's entropy 180 deg away minus "
+                  f"at the refined angle: {min(x['dhalf'] for x in sel):+.3f} .. {max(x['dhalf'] for x in sel):+.3f} "
+                  "nats (near 0: the model cannot tell the half-turn)")
     # speed of apply_geometry on 64 x 64 patterns (batches of 256)
     g = Geometry(rotation_deg=37.0, flip=True, descan_y=(32.0, 0.01, 0.0), descan_x=(32.0, 0.0, -0.01))
     x = np.random.default_rng(1).random((256, 64, 64)).astype(np.float32)
