@@ -6,6 +6,7 @@ Usage: ``.venv/bin/python docs/make_results_tables.py`` (prints Markdown).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +24,26 @@ def _table(df: pd.DataFrame, value: str, thick=THICK) -> str:
     return "\n".join([head, sep, *rows])
 
 
+def seed_table(mod: pd.DataFrame, value: str, thick=THICK) -> str:
+    """Mean +- std over seeds of each recipe (run names equal but for ``-s<seed>``) with more than one seed."""
+    sub = mod[(mod["role"] == "test") & (mod["dose"] == 2e4)].copy()
+    sub["recipe"] = sub["name"].map(lambda n: re.sub(r"-s\d+", "-s*", n))
+    sub["seed"] = sub["name"].map(lambda n: (re.search(r"-s(\d+)", n) or [None, ""])[1])
+    rows = []
+    for recipe, g in sub.groupby("recipe", sort=False):
+        seeds = sorted(g["seed"].unique())
+        if len(seeds) < 2:
+            continue
+        piv = g.pivot_table(index="seed", columns="thickness_nm", values=value)
+        cells = [f"{piv[t].mean():.3f} ± {piv[t].std(ddof=1):.3f}" for t in thick if t in piv.columns]
+        rows.append(f"| {recipe} ({len(seeds)} seeds: {', '.join(seeds)}) | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    cols = [t for t in thick if t in sub["thickness_nm"].unique()]
+    head = "| recipe | " + " | ".join(f"{t:g} nm" for t in cols) + " |"
+    return "\n".join([head, "|---" * (len(cols) + 1) + "|", *rows])
+
+
 def main() -> None:
     parts = []
     lim = pd.read_csv(RESULTS / "limit.csv") if (RESULTS / "limit.csv").exists() else pd.DataFrame()
@@ -34,6 +55,11 @@ def main() -> None:
             continue
         for value in ("per_cell", "per_pattern"):
             parts.append(f"**{title}, {value.replace('_', ' ')}, 2e4 e-/pattern**\n\n" + _table(sub, value))
+    if len(mod):
+        for value in ("per_pattern", "per_cell"):
+            t = seed_table(mod, value)
+            if t:
+                parts.append(f"**mean ± std over seeds, {value.replace('_', ' ')}, test draws, 2e4 e-/pattern**\n\n" + t)
     for dose in (5e3, 1e5):
         sub = lim[(lim["role"] == "test") & (lim["dose"] == dose)]
         if len(sub):

@@ -21,13 +21,16 @@ st.caption(
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _provenance(folder: str, stamp: tuple) -> pd.DataFrame:
-    """One row per checkpoint in ``folder`` from its JSON sidecar (``stamp``: names and mtimes, the cache key)."""
+    """One row per trained checkpoint in ``folder`` from its JSON sidecar (``stamp``: names and mtimes, the cache
+    key); the untrained CoM-direction baseline has no training provenance and is left out."""
     from polcore.ingest import available_models
-    from polcore.models import read_checkpoint_meta
+    from polcore.models import UNTRAINED_FAMILIES, read_checkpoint_meta
 
     rows = []
     for name, path in sorted(available_models(folder).items()):
         meta = read_checkpoint_meta(path)
+        if meta.get("family") in UNTRAINED_FAMILIES:
+            continue
         cfg = meta.get("train_config") or {}
         ver = meta.get("versions") or {}
         ho = pd.DataFrame(meta.get("heldout") or [])

@@ -20,6 +20,7 @@ from ui.backend import (
     cleanup_uploads_if_due,
     estimate_scan_geometry,
     ingest_scan,
+    live_map,
     save_upload,
     validate_scan,
 )
@@ -30,6 +31,8 @@ st.title("Upload a scan")
 #: Per-file limit of a browser upload [MB]: ``server.maxUploadSize`` in .streamlit/config.toml.
 LIMIT_MB = int(st.get_option("server.maxUploadSize"))
 _CAP = jobs.MAX_RUNNING.get("ingest", 1)
+#: How often the map of a running ingest is redrawn [s].
+LIVE_EVERY_S = 3.0
 
 
 def _hours(seconds: float) -> str:
@@ -52,8 +55,9 @@ with st.expander("What happens to an uploaded file", icon=":material/info:"):
    computing its sha256 on the way, and **drops the in-memory copy** (the upload box empties).
 3. The saved file is opened to check that it is a 4D-STEM scan; a file that cannot be read is deleted at once.
 4. It is ingested only when you press *Ingest*. **{_CAP} ingest runs at a time on this server**; others wait
-   in line (the page shows your place) and start in turn. A waiting or running ingest can be cancelled:
-   nothing is stored then (a running one rolls back what it wrote).
+   in line (the page shows your place) and start in turn. While it runs, the class map of the first chosen
+   model fills in every {LIVE_EVERY_S:g} s, with patterns/s and the time left. A waiting or running ingest can
+   be cancelled: nothing is stored then (a running one rolls back what it wrote).
 5. **An upload that was never ingested is deleted {_hours(UPLOAD_MAX_AGE_S)} after it was saved**; the files
    of stored scans are kept.
 """
@@ -251,6 +255,35 @@ def _geometry_section(path: Path) -> dict:
     return {"rotation_deg": float(rot), "flip": bool(flip)}
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "\u2026"
+    s = int(round(seconds))
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 \
+        else f"{s} s"
+
+
+@st.fragment(run_every=LIVE_EVERY_S)
+def _live_map(job_id: str) -> None:
+    """The class map of the first chosen model filling in while the ingest runs, with its rate and time left."""
+    job = jobs.get_job(job_id)
+    live = getattr(job, "live", None) if job is not None else None
+    snap = live.snapshot() if live is not None and job.status == "running" else None
+    if snap is None:
+        if job is not None and job.status == "running":
+            st.caption("The map fills in here once the models run (the first patterns fit the preprocessing).")
+        return
+    c = st.columns(3)
+    c[0].metric("Positions done", f"{snap['done']:,} / {snap['total']:,}")
+    c[1].metric("Patterns/s", "\u2026" if snap["rate"] is None else f"{snap['rate']:,.0f}",
+                help=f"positions per second through every chosen model, over the last {live.window_s:.0f} s")
+    c[2].metric("Time left", _duration(snap["eta_s"]), help="at the current rate")
+    fig = class_map_figure(snap["pred"], title=f"Predicted class \u2014 {snap['model']} (filling in)")
+    fig.update_layout(height=420)
+    st.plotly_chart(fig, config=png_config(f"upload_live_{snap['model']}"), key=f"up_live_{job_id}")
+    st.caption(f"Grey: not predicted yet. Redrawn every {LIVE_EVERY_S:g} s; the stored maps appear when the run ends.")
+
+
 def _select_new_scan(scan_id: int, model: str | None) -> None:
     st.session_state["f_dataset"] = None
     st.session_state["f_scan"] = int(scan_id)
@@ -272,6 +305,8 @@ with guard("The upload page"):
         else:
             st.info(f"Ingesting {job.label} \u2014 you can keep browsing the other pages meanwhile.")
         jobs.job_progress(job.job_id)
+        if job.status == "running" and job.live is not None:
+            _live_map(job.job_id)
         if job.cancel_requested:
             st.caption("Cancelling: the ingest stops at its next step and removes what it wrote ...")
         else:
@@ -332,8 +367,12 @@ with guard("The upload page"):
         )
         st.stop()
     stored = set(ctx.models["name"]) if len(ctx.models) else set()
+    from polcore.train import RECOMMENDED_MODEL
+
     names = sorted(avail)
-    default = [n for n in names if n in stored] or names[:1]
+    # the recommended model alone by default: its map is there soonest; add others to compare them
+    default = ([RECOMMENDED_MODEL] if RECOMMENDED_MODEL in names
+               else [n for n in names if n in stored] or names[:1])
     with st.form("up_form"):
         chosen = st.multiselect("Models", names, default=default, key="up_models")
         c1, c2, c3 = st.columns(3)
@@ -348,6 +387,7 @@ with guard("The upload page"):
             st.error("Choose at least one model.")
             st.stop()
         st.session_state["up_first_model"] = chosen[0]
+        live = live_map(chosen[0])  # the job fills it in, the page's fragment shows it
         try:
             new = jobs.start_job(
                 "ingest",
@@ -359,11 +399,13 @@ with guard("The upload page"):
                 name=name or None,
                 kind=kind,
                 dataset=dataset or None,
+                live=live,
                 **geom_overrides,
             )
         except jobs.QueueFull as exc:
             st.error(f"Not started: {exc}")
             st.stop()
         new.path = str(path)
+        new.live = live
         st.session_state["up_job"] = new.job_id
         st.rerun()

@@ -3,6 +3,8 @@
 Rows are data sets (synthetic at the training thickness, other thicknesses and cell sizes, experimental-like
 scans; a unit-cell layer's data set carries ``queries.CELL_SUFFIX``), columns are models; stored in DuckDB
 (table ``bench``). ``queries.benchmark_table`` adds the majority-class baseline and the mean ± std over seeds.
+The classical centre-of-mass baseline (``com_direction``, :mod:`polcore.models.com_direction`: no training) is
+ingested like any model, so it has its own rows here beside the networks and the majority class.
 The held-out draw benchmark and the physics limit live in :mod:`polcore.heldout`.
 """
 
@@ -51,12 +53,17 @@ def training_table(db_path=None) -> pd.DataFrame:
     rows = []
     for m in queries.list_models(store).itertuples():
         try:
-            res = read_checkpoint_meta(m.checkpoint_path).get("train_result") or {}
+            meta = read_checkpoint_meta(m.checkpoint_path)
         except (OSError, ValueError):
-            res = {}
+            meta = {}
+        res = meta.get("train_result") or {}
         by_t = res.get("test_acc_by_thickness") or {}
         train_t = (res.get("config") or {}).get("train_thickness_nm") or [20.0]
         t0 = f"{float(train_t[0]):g}"
+        if not res and meta.get("heldout"):  # an untrained baseline: its held-out rows, no training thickness
+            by_t = {f"{float(r['thickness_nm']):g}": float(r["per_pattern"]) for r in meta["heldout"]
+                    if r.get("role", "test") == "test"}
+            t0 = None
         other = {k: v for k, v in by_t.items() if k != t0}
         rows.append(dict(
             model=m.name, family=m.family, head=m.head, n_train=res.get("n_train"),

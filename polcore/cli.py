@@ -1,4 +1,4 @@
-"""Command line: ``python -m polcore {simulate,train,ingest,bench,demo,analyze}``.
+"""Command line: ``python -m polcore {simulate,train,ingest,bench,demo,analyze,figure}``.
 
 Every subcommand prints progress and an elapsed-time total. Heavy modules are imported by the subcommand
 that needs them, so ``python -m polcore --help`` is instant.
@@ -26,8 +26,15 @@ def _cmd_simulate_draws(args) -> int:
           f"({cfg.test_phonon_snapshots} for held-out draws); resumable, several processes may share it",
           flush=True)
     t0 = time.perf_counter()
-    with _tqdm_fraction(f"library {args.profile}") as bar:
-        made = build_draws(cfg, out, limit=args.limit, progress=bar)
+    if getattr(args, "dask", None) is not None:  # one task per draw on a Dask cluster; this process writes
+        from polcore.distributed import build_draws_distributed, dask_executor
+
+        with dask_executor(args.dask, n_workers=args.dask_workers) as ex, \
+                _tqdm_fraction(f"library {args.profile} (Dask)") as bar:
+            made = build_draws_distributed(ex, cfg, out, limit=args.limit, progress=bar)
+    else:
+        with _tqdm_fraction(f"library {args.profile}") as bar:
+            made = build_draws(cfg, out, limit=args.limit, progress=bar)
     print(f"simulated {len(made)} draw(s) in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
@@ -47,6 +54,9 @@ def _cmd_simulate_library(args) -> int:
     if args.profile.startswith("draws-"):
         args.profile = args.profile[len("draws-"):]
         return _cmd_simulate_draws(args)
+    if args.dask is not None:
+        raise ValueError("--dask builds the draw libraries (--profile train / draws-tiny), one task per draw; a "
+                         f"one-file library ({args.profile}) is simulated by one process")
 
     cfg = PROFILES[args.profile]
     print(f"simulating the '{args.profile}' library with abTEM: {cfg.n_configs} configurations x 3 base variants, "
@@ -137,24 +147,41 @@ def _geometry_lines(g: dict) -> list[str]:
 
 
 def _cmd_ingest(args) -> int:
-    from polcore.ingest import ingest
+    from polcore.ingest import ingest_many
     from polcore.store import PredictionStore, queries
 
     t0 = time.perf_counter()
     db = args.db or settings.db_path()
-    res = ingest(args.scan, args.models, db, progress=_fraction_printer("ingest"), name=args.name,
-                 kind=args.kind, model_dir=args.model_dir, rotation_deg=args.rotation_deg, flip=args.flip)
-    scan_id = res.scan_id
-    if res.geometry:
-        for line in _geometry_lines(res.geometry):
-            print(line, flush=True)
+    if args.name is not None and len(args.scan) > 1:
+        raise ValueError(f"--name names one scan; {len(args.scan)} scan files were given")
+    kw = dict(progress=_fraction_printer("ingest"), name=args.name, kind=args.kind, model_dir=args.model_dir,
+              rotation_deg=args.rotation_deg, flip=args.flip)
+    if args.dask is None:
+        if args.dask_workers is not None or args.block_patterns is not None:
+            raise ValueError("--dask-workers and --block-patterns need --dask")
+        results = ingest_many(args.scan, args.models, db, **kw)
     else:
-        print("geometry: nothing ran (already ingested); see the runs' config", flush=True)
+        from polcore.distributed import LOCAL, dask_executor, n_workers
+
+        if args.dask != LOCAL and args.dask_workers is not None:
+            raise ValueError("--dask-workers sizes a LocalCluster; a running cluster has its own workers")
+        with dask_executor(args.dask, n_workers=args.dask_workers) as ex:
+            where = "a LocalCluster" if args.dask == LOCAL else args.dask
+            print(f"Dask: {n_workers(ex)} worker(s) on {where}; "
+                  f"{'row blocks of one scan' if len(args.scan) == 1 else 'one task per scan'}", flush=True)
+            results = ingest_many(args.scan, args.models, db, executor=ex, block_patterns=args.block_patterns, **kw)
     runs = queries.list_runs(PredictionStore(db))
-    runs = runs[runs["scan_id"] == scan_id]
-    cols = [c for c in ("model", "n_patterns", "seconds", "patterns_per_s", "device") if c in runs.columns]
-    print(runs[cols].to_string(index=False))
-    print(f"scan {scan_id} ingested into {db} ({time.perf_counter() - t0:.1f} s)")
+    for res in results:
+        if res.geometry:
+            for line in _geometry_lines(res.geometry):
+                print(line, flush=True)
+        else:
+            print("geometry: nothing ran (already ingested); see the runs' config", flush=True)
+        mine = runs[runs["scan_id"] == res.scan_id]
+        cols = [c for c in ("model", "n_patterns", "seconds", "patterns_per_s", "device") if c in mine.columns]
+        print(mine[cols].to_string(index=False))
+    ids = ", ".join(str(r.scan_id) for r in results)
+    print(f"scan{'s' if len(results) > 1 else ''} {ids} ingested into {db} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -244,6 +271,31 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _cmd_figure(args) -> int:
+    from polcore.panel import FORMATS, panel_figure, panel_size_px, save_panel
+
+    t0 = time.perf_counter()
+    db = args.db or settings.db_path()
+    bad = [str(o) for o in args.out if o.suffix.lower().lstrip(".") not in FORMATS]
+    if bad:
+        raise ValueError(f"unsupported figure format of {', '.join(bad)}; use one of "
+                         f"{', '.join('.' + f for f in FORMATS)}")
+    fig = panel_figure(db, args.scan, args.model, layer=args.layer)  # read once, written in every format
+    outs = [save_panel(fig, out) for out in args.out]
+    for out in outs:
+        print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
+    png = [o for o in outs if o.suffix.lower() == ".png"]
+    if png:
+        from PIL import Image
+
+        with Image.open(png[0]) as im:
+            w, h = im.size
+        print(f"PNG {w} x {h} px (4 panels with ground truth: {panel_size_px(True)}, 2 without: "
+              f"{panel_size_px(False)})")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m polcore", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -259,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     lib.add_argument("--out", type=Path, default=None,
                      help="output HDF5 (default data/library/knn_<profile>.h5), or the draws folder")
     lib.add_argument("--limit", type=int, default=None, help="draw libraries: stop after this many draws")
+    lib.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="draw libraries: one task per draw on a Dask cluster (tcp://host:8786, or 'local' / nothing "
+                          "for a LocalCluster); this process writes the draw files")
+    lib.add_argument("--dask-workers", type=int, default=None, metavar="N", help="--dask local: worker processes")
     lib.set_defaults(func=_cmd_simulate_library)
 
     sc = simsub.add_parser("scan", help="compose a scan with ground truth from the library")
@@ -302,8 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, default=None, help="checkpoint folder (default <models dir>/<profile>)")
     tr.set_defaults(func=_cmd_train)
 
-    ing = sub.add_parser("ingest", help="run models on a scan and store the predictions")
-    ing.add_argument("scan", type=Path)
+    ing = sub.add_parser("ingest", help="run models on scans and store the predictions",
+                         description="Run models on one or more scans and store the predictions (each scan in one "
+                                     "transaction, written by this process only). --dask spreads the work over a "
+                                     "Dask cluster: one task per scan, or the row blocks of a single scan.")
+    ing.add_argument("scan", type=Path, nargs="+", help="scan file(s)")
     ing.add_argument("--models", nargs="*", default=None, help="model names (default: all in --model-dir)")
     ing.add_argument("--model-dir", type=Path, default=None, help="checkpoints (default $POLBENCH_MODELS or <data dir>/models)")
     ing.add_argument("--db", type=Path, default=None, help="DuckDB file (default $POLBENCH_DB or <data dir>/polbench.duckdb)")
@@ -314,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
                           " default: the file's calibration, else estimated from the data (applied if confident)")
     ing.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                      help="detector axes transposed before the rotation (py4DSTEM QR_flip); default: file, else estimate")
+    ing.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="predict on a Dask cluster: a scheduler address (tcp://host:8786; start it with `dask "
+                          "scheduler` and `dask worker tcp://host:8786` on machines that see the same files), or "
+                          "'local' / nothing for a LocalCluster on this machine")
+    ing.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                     help="--dask local: worker processes (default: the CPU cores, at most 4)")
+    ing.add_argument("--block-patterns", type=int, default=None, metavar="N",
+                     help="--dask with one scan: patterns per task (whole rows; default 8192)")
     ing.set_defaults(func=_cmd_ingest)
 
     be = sub.add_parser("bench", help="the study's benchmark table from the stored runs; --limit, --draw-curve "
@@ -348,6 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="periodic errors, defect ROC-AUC and domain gap per run")
     an.add_argument("--db", type=Path, default=None, help="DuckDB file (default $POLBENCH_DB or <data dir>/polbench.duckdb)")
     an.set_defaults(func=_cmd_analyze)
+
+    fi = sub.add_parser("figure", help="a figure panel for slides: virtual ADF with polarization arrows, class map, "
+                                       "error map, confusion matrix (PNG, SVG or PDF)")
+    fi.add_argument("scan", help="scan name (or id) in the store")
+    fi.add_argument("--model", required=True, help="model name (see the Benchmark page or `bench`)")
+    fi.add_argument("--out", type=Path, nargs="+", required=True,
+                    help="output file(s); the format follows the suffix: .png, .svg, .pdf")
+    fi.add_argument("--layer", default="pattern", choices=["pattern", "cell"],
+                    help="layer of the class map, error map and confusion matrix (arrows: per cell when stored)")
+    fi.add_argument("--db", type=Path, default=None, help="DuckDB file (default $POLBENCH_DB or <data dir>/polbench.duckdb)")
+    fi.set_defaults(func=_cmd_figure)
     return p
 
 

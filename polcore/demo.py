@@ -1,7 +1,8 @@
 """The demo: everything the dashboard shows, built from a fresh clone; idempotent (every step skips what
 exists).
 
-Steps: models (the shipped checkpoints, or train the 'quick'/'paper' profile on the committed library) →
+Steps: models (the shipped checkpoints, or train the 'quick'/'paper' profile on the committed library; the
+classical CoM-direction baseline, shipped, is in every demo) →
 compose the default scans → ingest every scan with every model (:mod:`polcore.ingest`) → the benchmark table
 (:mod:`polcore.benchmark`) and the held-out rows (:mod:`polcore.heldout`) → embeddings and domain gaps
 (:mod:`polcore.reports`).
@@ -41,6 +42,7 @@ from polcore.progress import Progress, report, scaled
 __all__ = [
     "build_demo",
     "demo_models_dir",
+    "baseline_checkpoints",
     "scan_table",
     "SCAN_TABLES",
     "status_path",
@@ -98,6 +100,16 @@ def scan_table(name: str) -> tuple[dict, tuple[str, ...]]:
         raise ValueError(f"unknown demo scan table {name!r}; valid: {', '.join(SCAN_TABLES)}")
     factory, methods = SCAN_TABLES[name]
     return factory(), methods
+
+
+def baseline_checkpoints() -> list:
+    """The shipped checkpoints of the untrained baselines (the CoM direction, :mod:`polcore.models.com_direction`):
+    every demo compares its models with them."""
+    from polcore.ingest import checkpoints
+    from polcore.models import UNTRAINED_FAMILIES, read_checkpoint_meta
+
+    return [p for p in checkpoints(settings.shipped_models_dir())
+            if read_checkpoint_meta(p).get("family") in UNTRAINED_FAMILIES]
 
 
 def demo_models_dir(profile: str | None = None) -> tuple[str, object]:
@@ -176,6 +188,8 @@ def build_demo(db_path=None, *, profile: str | None = None, progress: Progress |
     summary["scans_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     models = load_models(checkpoints(out))
+    if trained:  # the classical CoM baseline is in every demo: shipped (nothing to train), added to trained profiles
+        models.update(load_models([p for p in baseline_checkpoints() if p not in checkpoints(out)]))
     lo, hi = lay["ingest"]
     for i, (name, path) in enumerate(paths.items()):
         kind, row, _ = scans[name]

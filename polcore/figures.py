@@ -30,6 +30,13 @@ __all__ = [
     "roc_figure",
     "pattern_figure",
     "probs_figure",
+    "robust_limits",
+    "image_figure",
+    "cell_arrows",
+    "arrow_map_figure",
+    "pattern_marks",
+    "agreement_map_figure",
+    "AGREEMENT_LABELS",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,7 +72,16 @@ def _map_layout(fig: go.Figure, title: str, ny: int, nx: int, *, x_title: str = 
     return fig
 
 
-def class_map_figure(pred_map, title: str = "") -> go.Figure:
+def _clip_axes(fig: go.Figure, ny: int, nx: int) -> go.Figure:
+    """Keep the axes on the image (overlays such as arrows or a disc outline may reach past its edges); row 0
+    stays on top (autorange reversed, bounded)."""
+    fig.update_xaxes(autorangeoptions=dict(minallowed=-0.5, maxallowed=nx - 0.5))
+    fig.update_yaxes(autorangeoptions=dict(minallowed=-0.5, maxallowed=ny - 0.5))
+    return fig
+
+
+def class_map_figure(pred_map, title: str = "", *, base=None, opacity: float = 1.0,
+                     base_name: str = "virtual ADF") -> go.Figure:
     """Heatmap of class indices with wheel colours, -1 (no label / invalid) in grey.
 
     Parameters
@@ -73,23 +89,41 @@ def class_map_figure(pred_map, title: str = "") -> go.Figure:
     pred_map : array_like of int, shape (ny, nx)
         Class 0..7 or -1.
     title : str
+    base : array_like, shape (ny, nx), optional
+        A structure image (e.g. the virtual ADF) drawn in grey under the classes, robust contrast
+        (:func:`robust_limits`).
+    opacity : float in [0, 1]
+        Opacity of the class colours over ``base`` (1 hides it; without ``base`` the classes stay opaque).
+    base_name : hover label of the base image.
 
     Returns
     -------
     plotly.graph_objects.Figure
-        One Heatmap (discrete colours, no colour bar) plus one legend entry (empty Scatter) per class.
+        [base Heatmap,] one class Heatmap (discrete colours, no colour bar) plus one legend entry (empty
+        Scatter) per class.
     """
     p = np.asarray(pred_map)
     if p.ndim != 2:
         raise ValueError(f"pred_map must be 2-D (ny, nx), got shape {p.shape}")
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise ValueError(f"opacity must lie in [0, 1], got {opacity}")
     z = np.where(p < 0, -1, p).astype(float)
     colors = [NO_LABEL_COLOR, *class_wheel_colors()]
     n = len(colors)  # values -1..7 -> 9 bands over zmin=-1.5 .. zmax=7.5
     scale = []
     for i, c in enumerate(colors):
         scale += [[i / n, c], [(i + 1) / n, c]]
-    fig = go.Figure(go.Heatmap(
+    fig = go.Figure()
+    if base is not None:
+        b = np.asarray(base, dtype=float)
+        if b.shape != p.shape:
+            raise ValueError(f"base image shape {b.shape} differs from the class map shape {p.shape}")
+        lo, hi = robust_limits(b)
+        fig.add_trace(go.Heatmap(z=b, zmin=lo, zmax=hi, colorscale="Gray", showscale=False, name=base_name,
+                                 hovertemplate=f"iy=%{{y}}, ix=%{{x}}<br>{base_name} %{{z:.4g}}<extra></extra>"))
+    fig.add_trace(go.Heatmap(
         z=z, zmin=-1.5, zmax=N_CLASSES - 0.5, colorscale=scale, showscale=False,
+        opacity=float(opacity) if base is not None else 1.0,
         hovertemplate="iy=%{y}, ix=%{x}<br>class %{z}<extra></extra>", name="classes"))
     present = set(np.unique(p[p >= 0]).astype(int).tolist())
     for k in range(N_CLASSES):
@@ -310,16 +344,263 @@ def roc_figure(fpr, tpr, auc: float | None = None, title: str = "Defect ROC") ->
     return fig
 
 
-def pattern_figure(pattern, title: str = "Diffraction pattern", *, log_scale: bool = False,
-                   colorscale: str = "Gray") -> go.Figure:
-    """Heatmap of one diffraction pattern (ky, kx), ky down (row 0 on top), equal aspect."""
+def robust_limits(image, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
+    """Colour limits of an image from its ``lo`` and ``hi`` percentiles (finite values only).
+
+    A few hot pixels or one bright Bragg disc then no longer set the scale. Returns (0, 1) for an image
+    without finite values and widens a flat image's range so that zmin < zmax.
+    """
+    v = np.asarray(image, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return 0.0, 1.0
+    a, b = (float(x) for x in np.percentile(v, [lo, hi]))
+    if not b > a:
+        a, b = float(v.min()), float(v.max())
+        if not b > a:
+            b = a + 1.0
+    return a, b
+
+
+def image_figure(image, title: str = "", *, colorscale: str = "Gray", colorbar_title: str = "",
+                 clip: tuple[float, float] = (0.5, 99.5)) -> go.Figure:
+    """A scan image (virtual BF / ADF, CoM component ...) (ny, nx), row 0 on top, robust contrast."""
+    v = np.asarray(image, dtype=float)
+    if v.ndim != 2:
+        raise ValueError(f"image must be 2-D (ny, nx), got shape {v.shape}")
+    lo, hi = robust_limits(v, *clip)
+    return scalar_map_figure(v, title, colorscale, zmin=lo, zmax=hi, colorbar_title=colorbar_title)
+
+
+def cell_arrows(pred_map, confidence, cell_px: float) -> dict:
+    """One arrow per unit-cell block of a class map: the block's majority class and mean confidence.
+
+    Parameters
+    ----------
+    pred_map : int (ny, nx), class 0..7 or -1 (a cell-layer run holds one class per block already).
+    confidence : float (ny, nx), NaN where unknown.
+    cell_px : block size [scan px] (the lattice period), >= 1.
+
+    Returns
+    -------
+    dict with ``y``, ``x`` (n,) block centres [scan px], ``cls`` int (n,) and ``confidence`` float (n,) of
+    the blocks holding at least one classified position.
+    """
+    from polcore.analysis.cells import cell_blocks
+
+    p = np.asarray(pred_map)
+    c = np.asarray(confidence, dtype=float)
+    if p.ndim != 2 or c.shape != p.shape:
+        raise ValueError(f"pred_map and confidence must be 2-D of one shape, got {p.shape} and {c.shape}")
+    ny, nx = p.shape
+    by, bx = cell_blocks(ny, nx, float(cell_px))
+    ncy, ncx = int(by[-1]) + 1, int(bx[-1]) + 1
+    block = (by[:, None] * ncx + bx[None, :]).ravel()
+    pv, cv = p.ravel().astype(int), c.ravel()
+    ok = pv >= 0
+    counts = np.zeros((ncy * ncx, N_CLASSES))
+    np.add.at(counts, (block[ok], pv[ok]), 1.0)
+    n = counts.sum(axis=1)
+    cls = counts.argmax(axis=1)
+    okc = ok & np.isfinite(cv)
+    csum = np.bincount(block[okc], weights=cv[okc], minlength=ncy * ncx)
+    cnum = np.bincount(block[okc], minlength=ncy * ncx)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.where(cnum > 0, csum / np.maximum(cnum, 1), np.nan)
+    iy = np.arange(ny, dtype=float)
+    ix = np.arange(nx, dtype=float)
+    cy = np.bincount(by, weights=iy, minlength=ncy) / np.bincount(by, minlength=ncy)
+    cx = np.bincount(bx, weights=ix, minlength=ncx) / np.bincount(bx, minlength=ncx)
+    yy, xx = np.meshgrid(cy, cx, indexing="ij")
+    keep = n > 0
+    return {"y": yy.ravel()[keep], "x": xx.ravel()[keep], "cls": cls[keep].astype(int),
+            "confidence": conf[keep]}
+
+
+def arrow_map_figure(arrows: dict, shape: tuple[int, int], cell_px: float, *, base=None,
+                     base_name: str = "virtual ADF", base_classes=None, title: str = "Polarization",
+                     base_opacity: float = 0.45) -> go.Figure:
+    """Per-unit-cell polarization arrows over a structure image, as ferroelectric domain maps are drawn.
+
+    Each arrow starts behind and ends ahead of its cell centre along the class angle (45 deg * k,
+    counter-clockwise on screen, so it points up for MU), is coloured with the class wheel and is as long
+    as ``0.9 * cell_px * confidence`` (a confident cell fills its cell; confidence unknown: full length).
+
+    Parameters
+    ----------
+    arrows : :func:`cell_arrows` result.
+    shape : (ny, nx) of the scan.
+    cell_px : lattice period [scan px] (arrow length scale).
+    base : (ny, nx) image drawn in grey under the arrows (virtual ADF), optional.
+    base_classes : (ny, nx) class map drawn faintly (opacity ``base_opacity``) when there is no ``base``.
+    """
+    ny, nx = (int(v) for v in shape)
+    fig = go.Figure()
+    if base is not None:
+        b = np.asarray(base, dtype=float)
+        if b.shape != (ny, nx):
+            raise ValueError(f"base image shape {b.shape} differs from the scan shape {(ny, nx)}")
+        lo, hi = robust_limits(b)
+        fig.add_trace(go.Heatmap(z=b, zmin=lo, zmax=hi, colorscale="Gray", showscale=False, name=base_name,
+                                 hovertemplate=f"iy=%{{y}}, ix=%{{x}}<br>{base_name} %{{z:.4g}}<extra></extra>"))
+    elif base_classes is not None:
+        cm = class_map_figure(base_classes)
+        hm = cm.data[0]
+        hm.opacity = base_opacity
+        fig.add_trace(hm)
+    else:
+        fig.add_trace(go.Heatmap(z=np.zeros((ny, nx)), colorscale=[[0, "#ffffff"], [1, "#ffffff"]],
+                                 showscale=False, hoverinfo="skip", name="scan"))
+    y, x = np.asarray(arrows["y"], float), np.asarray(arrows["x"], float)
+    cls = np.asarray(arrows["cls"], int)
+    conf = np.asarray(arrows["confidence"], float)
+    length = 0.9 * float(cell_px) * np.where(np.isfinite(conf), np.clip(conf, 0.15, 1.0), 1.0)
+    ang = np.deg2rad(class_to_angle(cls).astype(float))
+    ux, uy = np.cos(ang), -np.sin(ang)  # on screen: y grows downwards
+    x0, y0 = x - 0.5 * length * ux, y - 0.5 * length * uy
+    x1, y1 = x + 0.5 * length * ux, y + 0.5 * length * uy
+    head = 0.35 * length
+    wheel = class_wheel_colors(saturation=0.95, value=0.95)
+    width = 2.0 if len(x) > 400 else 3.0
+    shafts = {}
+    for k in range(N_CLASSES):
+        sel = np.flatnonzero(cls == k)
+        if sel.size == 0:
+            continue
+        xs, ys = [], []
+        for i in sel:
+            # shaft, then the two barbs of the head (25 deg off the shaft)
+            bx1 = x1[i] - head[i] * (ux[i] * np.cos(0.45) - uy[i] * np.sin(0.45))
+            by1 = y1[i] - head[i] * (uy[i] * np.cos(0.45) + ux[i] * np.sin(0.45))
+            bx2 = x1[i] - head[i] * (ux[i] * np.cos(0.45) + uy[i] * np.sin(0.45))
+            by2 = y1[i] - head[i] * (uy[i] * np.cos(0.45) - ux[i] * np.sin(0.45))
+            xs += [x0[i], x1[i], None, bx1, x1[i], bx2, None]
+            ys += [y0[i], y1[i], None, by1, y1[i], by2, None]
+        shafts[k] = (xs, ys)
+    if shafts:  # a dark outline under every arrow keeps it readable over any base image
+        fig.add_trace(go.Scatter(x=[v for xs, _ in shafts.values() for v in xs],
+                                 y=[v for _, ys in shafts.values() for v in ys], mode="lines",
+                                 hoverinfo="skip", showlegend=False, name="outline",
+                                 line=dict(color="rgba(0,0,0,0.75)", width=width + 2.5)))
+    for k, (xs, ys) in shafts.items():
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=class_label(k), hoverinfo="skip",
+                                 line=dict(color=wheel[k], width=width)))
+    # hover: one invisible point per cell
+    fig.add_trace(go.Scatter(
+        x=x, y=y, mode="markers", marker=dict(size=max(4.0, 2.0 * float(cell_px)), color="rgba(0,0,0,0)"),
+        showlegend=False, name="cells", customdata=np.stack([cls, np.nan_to_num(conf, nan=-1)], axis=-1),
+        text=[class_label(int(k)) for k in cls],
+        hovertemplate="cell at iy=%{y:.1f}, ix=%{x:.1f}<br>%{text}<br>confidence %{customdata[1]:.2f}"
+                      "<extra></extra>"))
+    _map_layout(fig, title, ny, nx)
+    fig.update_xaxes(range=[-0.5, nx - 0.5])  # the scan, whatever arrows reach past its edges
+    fig.update_yaxes(range=[ny - 0.5, -0.5], autorange=False)  # row 0 on top
+    return fig
+
+
+def pattern_marks(pattern, disc: tuple[float, float, float] | None = None) -> dict | None:
+    """Bright-field disc (centre, radius) and centre of mass of one diffraction pattern, for drawing.
+
+    The disc is the component above a quarter of the way from background to peak of the 3 x 3
+    median-filtered pattern (:func:`polcore.preprocess.disc_mask` at threshold 0.25: low enough that the
+    dim side of a disc whose intensity the polarization tilts still counts, so the outline does not follow
+    the tilt); the centre of mass is taken over the hot-pixel-free (median filtered) pattern inside 1.5 disc
+    radii, so that a hot pixel or a Bragg disc far out cannot drag it.
+
+    Parameters
+    ----------
+    pattern : (ky, kx) intensities.
+    disc : (cy, cx, r) [px] when the disc is known (a simulation: the optical axis and the convergence
+        semi-angle over the sampling); then nothing is detected. Bright features inside a noise-free
+        simulated disc would fool a threshold.
+
+    Returns
+    -------
+    dict with ``disc`` (cy, cx, r) [px], ``com`` (cy, cx) [px] and ``gain``, the magnification that draws
+    the CoM shift half a disc radius long (at least 1), or None for a flat or invalid pattern.
+    """
+    from scipy import ndimage
+
+    from polcore.preprocess import disc_mask
+
+    p = np.asarray(pattern, dtype=float)
+    if p.ndim != 2 or min(p.shape) < 3 or not np.all(np.isfinite(p)):
+        return None
+    if disc is not None:
+        cy, cx, r = (float(v) for v in disc)
+    else:
+        try:
+            mask = disc_mask(p, threshold=0.25)
+        except ValueError:
+            return None
+        yy, xx = np.nonzero(mask)
+        cy, cx = float(yy.mean()), float(xx.mean())
+        r = float(np.sqrt(mask.sum() / np.pi))
+    clean = np.maximum(ndimage.median_filter(p, size=3, mode="nearest"), 0.0)
+    ky, kx = np.indices(p.shape)
+    inside = (ky - cy) ** 2 + (kx - cx) ** 2 <= (1.5 * r) ** 2
+    w = np.where(inside, clean, 0.0)
+    tot = w.sum()
+    if tot <= 0:
+        return None
+    my, mx = float((w * ky).sum() / tot), float((w * kx).sum() / tot)
+    shift = float(np.hypot(my - cy, mx - cx))
+    gain = max(1.0, float(np.round(0.5 * r / shift))) if shift > 1e-9 else 1.0
+    return {"disc": (cy, cx, r), "com": (my, mx), "gain": gain}
+
+
+def pattern_figure(pattern, title: str = "Diffraction pattern", *, log_scale: bool = True,
+                   colorscale: str = "Gray", clip: tuple[float, float] | None = (0.5, 99.5),
+                   gamma: float | None = None, marks: dict | None = None, com_gain: float | None = None
+                   ) -> go.Figure:
+    """Heatmap of one diffraction pattern (ky, kx), ky down (row 0 on top), equal aspect.
+
+    Parameters
+    ----------
+    pattern : (ky, kx) intensities.
+    log_scale : show log10(1 + I) (default), so the dark field next to the disc is visible.
+    clip : (lo, hi) percentiles that set the colour limits (robust contrast: a few hot pixels no longer
+        make the pattern black); None = the full range.
+    gamma : show I ** gamma instead of the log (e.g. 0.5), when ``log_scale`` is False.
+    marks : :func:`pattern_marks` result: the disc outline (dashed circle) and the centre-of-mass shift
+        (arrow from the disc centre to the CoM, drawn ``com_gain`` times longer, default ``marks["gain"]``,
+        which makes it half a disc radius long) are drawn on the pattern.
+    """
     p = np.asarray(pattern, dtype=float)
     if p.ndim != 2:
         raise ValueError(f"pattern must be 2-D (ky, kx), got shape {p.shape}")
-    z = np.log10(np.maximum(p, 0) + 1.0) if log_scale else p
-    fig = go.Figure(go.Heatmap(z=z, colorscale=colorscale, showscale=False,
-                               hovertemplate="ky=%{y}, kx=%{x}<br>%{z:.4g}<extra></extra>"))
-    return _map_layout(fig, title, *p.shape, x_title="kx (px)", y_title="ky (px)")
+    if log_scale:
+        z = np.log10(np.maximum(p, 0) + 1.0)
+    elif gamma is not None:
+        z = np.maximum(p, 0) ** float(gamma)
+    else:
+        z = p
+    lo, hi = robust_limits(z, *clip) if clip is not None else (None, None)
+    fig = go.Figure(go.Heatmap(z=z, zmin=lo, zmax=hi, colorscale=colorscale, showscale=False, name="pattern",
+                               customdata=p,
+                               hovertemplate="ky=%{y}, kx=%{x}<br>I=%{customdata:.4g}<extra></extra>"))
+    if marks:
+        cy, cx, r = marks["disc"]
+        t = np.linspace(0, 2 * np.pi, 121)
+        fig.add_trace(go.Scatter(x=cx + r * np.cos(t), y=cy + r * np.sin(t), mode="lines",
+                                 name="bright-field disc", hoverinfo="skip",
+                                 line=dict(color="#ff4081", width=2, dash="dash")))
+        my, mx = marks["com"]
+        dy, dx = my - cy, mx - cx
+        shift = float(np.hypot(dy, dx))
+        gain = float(com_gain if com_gain is not None else marks.get("gain", 1.0))
+        ey, ex = cy + gain * dy, cx + gain * dx
+        fig.add_annotation(x=ex, y=ey, ax=cx, ay=cy, xref="x", yref="y", axref="x", ayref="y",
+                           showarrow=True, arrowhead=3, arrowsize=1.2, arrowwidth=2.5, arrowcolor="#ffab00",
+                           text="")
+        fig.add_trace(go.Scatter(x=[cx], y=[cy], mode="markers", name=f"CoM shift {shift:.2f} px (\u00d7{gain:.0f})",
+                                 marker=dict(color="#ffab00", size=7, symbol="circle"),
+                                 hovertemplate=f"disc centre ({cy:.1f}, {cx:.1f}) px<br>CoM shift {shift:.3f} px "
+                                               f"(drawn \u00d7{gain:.0f})<extra></extra>"))
+        fig.update_layout(showlegend=False)
+    _map_layout(fig, title, *p.shape, x_title="kx (px)", y_title="ky (px)")
+    _clip_axes(fig, *p.shape)
+    return fig
 
 
 def probs_figure(probs8, title: str = "Class probabilities") -> go.Figure:
@@ -337,3 +618,56 @@ def probs_figure(probs8, title: str = "Class probabilities") -> go.Figure:
                                                   tickvals=[45 * k for k in range(N_CLASSES)]),
                                  radialaxis=dict(range=[0, max(1e-9, float(q.max()))])))
     return fig
+
+
+#: Categories of :func:`agreement_map_figure` (value -> label, colour).
+AGREEMENT_LABELS: dict[int, tuple[str, str]] = {
+    0: ("agree", "#e0e0e0"),
+    1: ("disagree", "#c62828"),
+    2: ("disagree, only A right", "#1565c0"),
+    3: ("disagree, only B right", "#ef6c00"),
+    4: ("disagree, both wrong", "#8e24aa"),
+}
+
+
+def agreement_map_figure(pred_a, pred_b, truth=None, *, names: tuple[str, str] = ("A", "B"),
+                         mask=None, title: str = "Where the two models disagree") -> go.Figure:
+    """Where two class maps of one scan differ; with ``truth`` the disagreements say which model is right.
+
+    Parameters
+    ----------
+    pred_a, pred_b : int (ny, nx), classes 0..7 or -1 (missing: blank).
+    truth : int (ny, nx) or None; -1 = unlabelled (those disagreements are plain "disagree").
+    names : the two models' names for the legend.
+    mask : bool (ny, nx) of the positions that pass the filters (others blank), optional.
+    """
+    a, b = np.asarray(pred_a), np.asarray(pred_b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"the two class maps must be 2-D of one shape, got {a.shape} and {b.shape}")
+    valid = (a >= 0) & (b >= 0)
+    if mask is not None:
+        valid &= np.asarray(mask, bool)
+    cat = np.where(a == b, 0, 1).astype(float)
+    if truth is not None:
+        t = np.asarray(truth)
+        lab = (t >= 0) & (a != b)
+        cat = np.where(lab & (a == t), 2, cat)
+        cat = np.where(lab & (b == t), 3, cat)
+        cat = np.where(lab & (a != t) & (b != t), 4, cat)
+    cat = np.where(valid, cat, np.nan)
+    colors = [AGREEMENT_LABELS[k][1] for k in range(5)]
+    scale = []
+    for i, c in enumerate(colors):
+        scale += [[i / 5, c], [(i + 1) / 5, c]]
+    text = {0: "agree", 1: "disagree" if truth is None else "disagree, no label", 2: f"only {names[0]} right",
+            3: f"only {names[1]} right", 4: "both wrong"}
+    fig = go.Figure(go.Heatmap(z=cat, zmin=-0.5, zmax=4.5, colorscale=scale, showscale=False, name="agreement",
+                               customdata=np.stack([a, b], axis=-1),
+                               hovertemplate="iy=%{y}, ix=%{x}<br>A: class %{customdata[0]}, "
+                                             "B: class %{customdata[1]}<extra></extra>"))
+    present = set(np.unique(cat[np.isfinite(cat)]).astype(int).tolist())
+    for k in range(5):
+        if k in present or k == 0:
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=text[k],
+                                     marker=dict(color=colors[k], size=12, symbol="square")))
+    return _map_layout(fig, title, *a.shape)

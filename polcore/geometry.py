@@ -474,25 +474,37 @@ def _flatten_tilt(S: np.ndarray, cy0, cx0, R: float) -> np.ndarray:
 
     An intensity tilt inside the disc (the polarization signal) makes the plateau slope towards the edge on one
     side and away from it on the other; dividing by the fitted plane (a smooth positive function, clipped at
-    20 % of its value at the centre) makes the plateau flat without moving a relative half-way crossing."""
+    20 % of its value at the centre) makes the plateau flat without moving a relative half-way crossing.
+
+    The normal equations come from row and column sums of the mask and of the masked intensity (separable
+    moments), not from nine full-size products: the same least-squares plane, a few times faster."""
     n, ky, kx = S.shape
-    gy = np.arange(ky, dtype=np.float64)[None, :, None] - cy0[:, None, None]
-    gx = np.arange(kx, dtype=np.float64)[None, None, :] - cx0[:, None, None]
+    gyv = np.arange(ky, dtype=np.float64)[None, :] - np.asarray(cy0, np.float64)[:, None]  # (n, ky)
+    gxv = np.arange(kx, dtype=np.float64)[None, :] - np.asarray(cx0, np.float64)[:, None]  # (n, kx)
+    gy, gx = gyv[:, :, None], gxv[:, None, :]
     m = (gy * gy + gx * gx) <= (0.85 * R) ** 2
-    Sd = S.astype(np.float64)
-    basis = (np.ones_like(gy * gx), np.broadcast_to(gy, m.shape), np.broadcast_to(gx, m.shape))
+    mf = m.astype(np.float64)
+    rows, cols = mf.sum(axis=2), mf.sum(axis=1)  # mask pixels per row / column
+    mgx = np.matmul(mf, gxv[:, :, None])[:, :, 0]  # per row: sum of gx over the mask
+    ms = np.where(m, S, 0).astype(np.float64)
+    srow, scol = ms.sum(axis=2), ms.sum(axis=1)
     A = np.empty((n, 3, 3))
-    rhs = np.empty((n, 3))
-    for i, bi in enumerate(basis):
-        rhs[:, i] = (m * bi * Sd).sum(axis=(1, 2))
-        for j, bj in enumerate(basis):
-            A[:, i, j] = (m * bi * bj).sum(axis=(1, 2)) if j >= i else A[:, j, i]
+    A[:, 0, 0] = rows.sum(axis=1)
+    A[:, 0, 1] = A[:, 1, 0] = (rows * gyv).sum(axis=1)
+    A[:, 0, 2] = A[:, 2, 0] = (cols * gxv).sum(axis=1)
+    A[:, 1, 1] = (rows * gyv * gyv).sum(axis=1)
+    A[:, 2, 2] = (cols * gxv * gxv).sum(axis=1)
+    A[:, 1, 2] = A[:, 2, 1] = (mgx * gyv).sum(axis=1)
+    rhs = np.stack([srow.sum(axis=1), (srow * gyv).sum(axis=1), (scol * gxv).sum(axis=1)], axis=1)
     coef = np.linalg.solve(A + 1e-9 * np.eye(3), rhs[..., None])[..., 0]
     plane = coef[:, 0, None, None] + coef[:, 1, None, None] * gy + coef[:, 2, None, None] * gx
     floor = np.maximum(0.2 * coef[:, 0], 1e-12)[:, None, None]
     good = coef[:, 0] > 0
-    out = S / np.maximum(plane, floor)
-    return np.where(good[:, None, None], out, S).astype(np.float32)
+    np.maximum(plane, floor, out=plane)
+    out = np.divide(S, plane, out=plane).astype(np.float32)
+    if not good.all():
+        out[~good] = S[~good]
+    return out
 
 
 def _disc_chunk(x: np.ndarray, radius, smooth_px: float, n_rays: int):

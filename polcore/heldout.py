@@ -100,7 +100,8 @@ def _curve_figure(df: pd.DataFrame, path: Path, dose: float) -> None:
 
 
 def model_heldout_rows(model_dirs) -> pd.DataFrame:
-    """Held-out rows stored in the metadata of every draw-trained checkpoint under ``model_dirs``."""
+    """Held-out rows stored in the metadata of every draw-trained checkpoint under ``model_dirs`` (a model found
+    in several folders, e.g. shipped and the training folder, counts once: the first folder's)."""
     from polcore.ingest import checkpoints
     from polcore.models import read_checkpoint_meta
     from polcore.naming import model_name
@@ -114,7 +115,8 @@ def model_heldout_rows(model_dirs) -> pd.DataFrame:
                                  thickness_nm=r["thickness_nm"], per_pattern=r["per_pattern"],
                                  per_cell=r["per_cell"], library_sha256=meta.get("library_sha256", "")))
     cols = ["name", "kind", "role", "dose", "thickness_nm", "per_pattern", "per_cell", "library_sha256"]
-    return pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(rows, columns=cols)
+    return df.drop_duplicates(["name", "role", "dose", "thickness_nm"], keep="first").reset_index(drop=True)
 
 
 def _save(df: pd.DataFrame, out_dir, name: str, db_path) -> None:

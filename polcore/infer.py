@@ -39,6 +39,8 @@ class ScanPrediction:
     geometry : the scan geometry actually applied before the preprocessor (``polcore.geometry.Geometry.to_dict``
         plus ``warnings``: the parts estimated but not trusted, left at identity; and ``estimate``: what the
         data alone said), see :func:`trusted_geometry`.
+    virtual : the scan's virtual images from the same pass (:class:`polcore.virtual.VirtualImages`: 'bf',
+        'adf', 'com_y', 'com_x', float32 (ny, nx)); virtual_info : their detectors. Shared by every model.
     """
 
     pred: np.ndarray
@@ -53,6 +55,8 @@ class ScanPrediction:
     device: str
     preprocess: dict = field(default_factory=dict)
     geometry: dict = field(default_factory=dict)
+    virtual: dict | None = None
+    virtual_info: dict | None = None
 
     @property
     def patterns_per_s(self) -> float:
@@ -147,6 +151,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     outs = [dict(pred=np.full(n_total, -1, np.int8), probs=np.zeros((n_total, N_CLASSES), np.float32),
                  feats=[]) for _ in models]
     com = np.zeros(n_total, np.float32)
+    virt = None  # polcore.virtual.VirtualImages, made in the first run() (the preprocessors are fitted then)
     inputs, sample_idx = [], []
     seconds = np.zeros(len(models))
     t_read = 0.0
@@ -164,13 +169,18 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         return apply_geometry(batch, pos, applied["geometry"])
 
     def run(pos, batch, corrected: bool = False):
-        nonlocal t_read, done
+        nonlocal t_read, done, virt
         t1 = time.perf_counter()
         if not corrected:
             batch = correct(pos, batch)
         Xs = [pre.transform(batch) for pre in pres]
         flat = pos[:, 0] * nx + pos[:, 1]
         com[flat] = com_magnitude(Xs[0])
+        if virt is None:  # virtual detectors on the geometry-corrected raw batch, about the fitted disc
+            from polcore.virtual import VirtualImages
+
+            virt = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
+        virt.add(flat, batch)
         sel = keep[flat]
         if sel.any():
             sample_idx.append(flat[sel])
@@ -200,7 +210,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     def flush():
         nonlocal applied, hot
         first = np.concatenate([b for _, b in pending])
-        hot = find_hot_pixels(first.astype(np.float64).mean(axis=0))
+        hot = find_hot_pixels(first.mean(axis=0, dtype=np.float64))
         if applied is None:
             pos_all = np.concatenate([p for p, _ in pending])
             if len(hot):
@@ -218,15 +228,16 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         for p, b in fixed:
             run(p, b, corrected=True)
 
-    for pos, batch in scan.iter_batches(batch_size):
-        if pending is None:
-            run(pos, batch)
-            continue
-        pending.append((pos, np.asarray(batch)))
-        n_pending += len(pos)
-        if n_pending >= fit_patterns:
-            flush()
-            pending = None
+    with _Prefetch(scan.iter_batches(batch_size)) as reader:  # the next batch is read while this one runs
+        for pos, batch in reader:
+            if pending is None:
+                run(pos, batch)
+                continue
+            pending.append((pos, np.asarray(batch)))
+            n_pending += len(pos)
+            if n_pending >= fit_patterns:
+                flush()
+                pending = None
     if pending:
         flush()
     wall = time.perf_counter() - t0
@@ -236,6 +247,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     sample_pos = np.stack([sample_flat // nx, sample_flat % nx], axis=1)
     inp = np.concatenate(inputs) if inputs else np.zeros((0, 256), np.float32)
     results = []
+    vimages = None if virt is None else virt.result()
     share = t_read / len(models)
     for m, (model, o) in enumerate(zip(models, outs)):
         probs = o["probs"].reshape(ny, nx, N_CLASSES)
@@ -246,6 +258,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
                 com=com.reshape(ny, nx), sample_pos=sample_pos, features=feats, inputs=inp,
                 seconds=float(seconds[m] + share), n_patterns=n_total, device=_device_of(model),
                 preprocess=pres[group_of[m]].to_dict(), geometry=_geometry_record(applied),
+                virtual=vimages, virtual_info=None if virt is None else virt.info(),
             )
         )
     log.info("predicted %d patterns with %d model(s) (%d preprocessing group(s)) in %.1f s", n_total,
@@ -370,9 +383,78 @@ def _geometry_record(applied: dict | None) -> dict:
 
 
 def _fit_all(pres, pending, meta) -> None:
-    first = np.concatenate([b for _, b in pending])
+    total = sum(b.sum(axis=0, dtype=np.float64) for _, b in pending)  # no float64 copy of the patterns
+    count = sum(len(b) for _, b in pending)
     for pre in pres:
-        pre.fit_patterns(first, meta)
+        pre.fit_sum(total, count, meta)
+
+
+class _Prefetch:
+    """Iterate a scan's ``iter_batches`` in a background thread, up to ``depth`` batches ahead, so reading and
+    decompressing the next batch overlaps the models on this one (their torch / ONNX Runtime kernels and
+    numpy's release the GIL while they compute). Used as a context manager: leaving the block early (an error,
+    a cancel) stops the reader and closes the file before the exception goes on; a reader error is raised in
+    the consuming loop."""
+
+    _END = object()
+
+    def __init__(self, batches, depth: int = 2):
+        import queue
+        import threading
+
+        self._batches = batches
+        self._q = queue.Queue(maxsize=max(1, int(depth)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="polbench-prefetch", daemon=True)
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        it = iter(self._batches)
+        try:
+            for item in it:
+                if not self._put((None, item)):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put((exc, None))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # the reader's generator closes its file in this thread
+            self._put((None, self._END))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __iter__(self):
+        while True:
+            exc, item = self._q.get()
+            if exc is not None:
+                raise exc
+            if item is self._END:
+                return
+            yield item
+
+    def __exit__(self, *exc_info) -> None:
+        import queue
+
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 def predict_scan(scan, model, *, batch_size: int = 256, progress=None, preprocessor=None,

@@ -58,7 +58,8 @@ from polcore.naming import model_name, model_variant
 from polcore.progress import Progress, report
 
 __all__ = ["CHECKPOINT_SUFFIXES", "checkpoints", "available_models", "load_models", "register_models",
-           "ingest_scan", "IngestResult", "cleanup_stale_ingests", "PAUSE_MOMENTS", "INGEST_WAIT_S"]
+           "ingest_scan", "ingest", "ingest_many", "IngestResult", "LiveMap", "cleanup_stale_ingests",
+           "PAUSE_MOMENTS", "INGEST_WAIT_S"]
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,85 @@ class IngestResult:
     geometry: dict | None = None
 
 
+class LiveMap:
+    """The predicted-class map of one model filling in while an ingest runs, with its rate (thread-safe).
+
+    The ingest thread calls :meth:`begin` (once the models to run are known) and :meth:`update` after every
+    batch (``predict_scan_many``'s ``on_batch``); a page reads :meth:`snapshot` from another thread at any time.
+
+    Parameters
+    ----------
+    model : the model whose map is shown (the first chosen one); when it does not run (already stored), the
+        first model that runs is shown instead.
+    window_s : the patterns/s rate is measured over the last ``window_s`` seconds [s].
+    """
+
+    def __init__(self, model: str | None = None, *, window_s: float = 10.0):
+        self.wanted = model
+        self.window_s = float(window_s)
+        self._lock = threading.Lock()
+        self._pred: np.ndarray | None = None
+        self._shape: tuple[int, int] = (0, 0)
+        self._model: str | None = None
+        self._index = 0
+        self._done = 0
+        self._t0: float | None = None
+        self._marks: list[tuple[float, int]] = []
+
+    def begin(self, nav_shape, models: list[str]) -> None:
+        """A pass over a scan of ``nav_shape`` (ny, nx) starts with ``models`` (names, in the order of
+        ``update``'s ``preds``); every position is -1 (not predicted yet)."""
+        ny, nx = (int(v) for v in nav_shape)
+        names = list(models)
+        index = names.index(self.wanted) if self.wanted in names else 0
+        now = time.monotonic()
+        with self._lock:
+            self._pred, self._shape = np.full(ny * nx, -1, np.int8), (ny, nx)
+            self._model, self._index = (names[index] if names else None), index
+            self._done, self._t0, self._marks = 0, now, [(now, 0)]
+
+    def update(self, flat, preds) -> None:
+        """``flat`` (n,) flat positions ``iy * nx + ix`` just predicted; ``preds`` one (n,) class array per model."""
+        now = time.monotonic()
+        with self._lock:
+            if self._pred is None:
+                return
+            p = np.asarray(preds[self._index])
+            self._pred[np.asarray(flat)] = p
+            self._done = min(self._done + len(p), self._pred.size)
+            self._marks.append((now, self._done))
+            while len(self._marks) > 2 and self._marks[1][0] < now - self.window_s:
+                self._marks.pop(0)
+
+    def snapshot(self) -> dict | None:
+        """A copy of the map so far, or None before :meth:`begin`.
+
+        Returns
+        -------
+        dict: ``pred`` int8 (ny, nx) (-1 where not predicted yet), ``model``, ``done`` and ``total`` [patterns],
+        ``elapsed_s`` [s] since :meth:`begin`, ``rate`` [patterns/s over the last ``window_s``; None before the
+        first batch], ``eta_s`` [s; None while the rate is unknown].
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._pred is None:
+                return None
+            pred = self._pred.copy().reshape(self._shape)
+            done, total, t0, model = self._done, self._pred.size, self._t0, self._model
+            first = self._marks[0]
+        elapsed = now - t0
+        rate = None
+        if done > first[1] and now > first[0]:
+            rate = (done - first[1]) / (now - first[0])
+        eta = (total - done) / rate if rate else (0.0 if done >= total else None)
+        return dict(pred=pred, model=model, done=done, total=total, elapsed_s=elapsed, rate=rate, eta_s=eta)
+
+
 def ingest_scan(path, model_names=None, db_path=None, *, progress: Progress | None = None, name=None,
                 kind="experimental", dataset=None, model_dir=None, models=None, batch_size=256,
                 sha256: str | None = None, wait_s: float = INGEST_WAIT_S, rotation_deg: float | None = None,
-                flip: bool | None = None) -> int:
+                flip: bool | None = None, live: LiveMap | None = None, executor=None,
+                block_patterns: int | None = None) -> int:
     """Read a scan once, run the chosen models, store their predictions; returns the scan id.
 
     Parameters
@@ -200,22 +276,31 @@ def ingest_scan(path, model_names=None, db_path=None, *, progress: Progress | No
         None = the file's value, else the estimate from the data (applied only when its confidence is 'high',
         see :func:`polcore.infer.trusted_geometry`). The geometry used, with its sources and warnings, is stored
         in every run's config (``config["geometry"]``).
+    live : a :class:`LiveMap` that receives the predicted classes of the models batch by batch while the pass
+        runs (the Upload page's progressive map).
+    executor : a ``concurrent.futures.Executor`` on a Dask cluster (:func:`polcore.distributed.dask_executor`):
+        the rows of the scan are predicted in blocks of ``block_patterns`` patterns (default
+        :data:`polcore.distributed.BLOCK_PATTERNS`) on its workers (:func:`polcore.distributed.predict_blocks`);
+        this process alone writes the store, in the same one transaction. None = here, in one pass.
 
     Re-ingesting a stored file with stored models adds nothing. A failure, or a killed process, leaves the
     store as it was (after the next ingest's cleanup, see the module docstring).
     """
     return ingest(path, model_names, db_path, progress=progress, name=name, kind=kind, dataset=dataset,
                   model_dir=model_dir, models=models, batch_size=batch_size, sha256=sha256,
-                  wait_s=wait_s, rotation_deg=rotation_deg, flip=flip).scan_id
+                  wait_s=wait_s, rotation_deg=rotation_deg, flip=flip, live=live, executor=executor,
+                  block_patterns=block_patterns).scan_id
 
 
 def ingest(path, model_names=None, db_path=None, *, progress: Progress | None = None, name=None,
            kind="experimental", dataset=None, model_dir=None, models=None, batch_size=256,
            sha256: str | None = None, wait_s: float = INGEST_WAIT_S, rotation_deg: float | None = None,
-           flip: bool | None = None) -> IngestResult:
+           flip: bool | None = None, live: LiveMap | None = None, executor=None, block_patterns: int | None = None,
+           _predict=None) -> IngestResult:
     """:func:`ingest_scan` returning an :class:`IngestResult` (with the geometry used, ``geometry``).
 
     ``wait_s``: how long to wait while another live process ingests the same file (0: refuse at once).
+    ``_predict``: how the predictions are made (internal: :func:`ingest_many` passes a task's result).
     """
     from polcore.io import open_scan, read_ground_truth, sha256_file
     from polcore.io.ground_truth import ground_truth_attrs
@@ -234,14 +319,86 @@ def ingest(path, model_names=None, db_path=None, *, progress: Progress | None = 
     cleanup_stale_ingests(db_path, store=store)
     owner = new_owner()
     overrides = {k: v for k, v in (("rotation_deg", rotation_deg), ("flip", flip)) if v is not None}
+    predict = _predict
+    if predict is None:
+        predict = _predict_local if executor is None else _PredictBlocks(executor, block_patterns)
     try:
         return _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s,
-                             overrides)
+                             overrides, predict=predict, live=live)
     finally:
         release_owner(owner)
 
 
-def _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s, overrides=None):
+def ingest_many(paths, model_names=None, db_path=None, *, executor=None, progress: Progress | None = None,
+                name=None, kind="experimental", dataset=None, model_dir=None, models=None, batch_size=256,
+                wait_s: float = INGEST_WAIT_S, rotation_deg: float | None = None, flip: bool | None = None,
+                block_patterns: int | None = None) -> list[IngestResult]:
+    """Ingest several scan files with the same models (loaded once); one :class:`IngestResult` per file.
+
+    Without ``executor`` the files are ingested one after the other, each in one pass (:func:`ingest`). With a
+    Dask executor (:func:`polcore.distributed.dask_executor`):
+
+    * one file: its row blocks are spread over the workers (:func:`polcore.distributed.predict_blocks`);
+    * several files: one task per file (:func:`polcore.distributed.predict_file`), all submitted at once.
+
+    Either way the workers only return arrays; this process alone writes the store, each scan in the same one
+    transaction as a local ingest (claimed row, heartbeat, rollback on failure, all as in :func:`ingest`), in
+    the order of ``paths``. A file that fails (unreadable, a worker error) stops the rest: the scans stored
+    before it stay stored, the others' tasks are cancelled. ``name`` (the listed name) needs a single file; the
+    other keywords are :func:`ingest`'s.
+    """
+    from polcore.io import sha256_file
+    from polcore.progress import scaled
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no scan files given")
+    if name is not None and len(paths) > 1:
+        raise ValueError(f"a name names one scan; {len(paths)} scan files were given")
+    from polcore.io import open_scan
+
+    for p in paths:  # a bad file is refused before any model is loaded or any task starts
+        open_scan(p)
+    progress = report(progress)
+    models = _choose(model_names, model_dir, models)
+    common = dict(name=name, kind=kind, dataset=dataset, models=models, batch_size=batch_size, wait_s=wait_s,
+                  rotation_deg=rotation_deg, flip=flip)
+    n = len(paths)
+
+    def part(i: int, p: Path):
+        return scaled(progress, i / n, (i + 1) / n, f"[{i + 1}/{n}] {p.name}: " if n > 1 else "")
+
+    if executor is None or n == 1:
+        return [ingest(p, None, db_path, progress=part(i, p), executor=executor, block_patterns=block_patterns,
+                       **common) for i, p in enumerate(paths)]
+
+    from polcore.distributed import FIT_PATTERNS, predict_file
+    from polcore.store import PredictionStore, queries
+
+    db_path = Path(db_path) if db_path is not None else settings.db_path()
+    shas = [sha256_file(p).lower() for p in paths]
+    overrides = {k: v for k, v in (("rotation_deg", rotation_deg), ("flip", flip)) if v is not None}
+    store = PredictionStore(db_path)
+    tasks: dict[int, _PredictFromTask] = {}
+    try:
+        for i, (p, sha) in enumerate(zip(paths, shas)):
+            known = queries.scan_by_sha256(store, sha)
+            names = list(models) if known is None else _todo(store, int(known["scan_id"]), list(models))[0]
+            if not names or any(t.names == names and shas[j] == sha for j, t in tasks.items()):
+                continue  # stored already, or the same bytes under another name: nothing to compute twice
+            fut = executor.submit(predict_file, str(p.resolve()), [str(models[m][2]) for m in names],
+                                  batch_size=batch_size, fit_patterns=FIT_PATTERNS, geometry_overrides=overrides or None)
+            tasks[i] = _PredictFromTask(names, fut)
+        log.info("submitted %d scan(s) to the Dask cluster (%d already stored)", len(tasks), n - len(tasks))
+        return [ingest(p, None, db_path, progress=part(i, p), sha256=shas[i], _predict=tasks.get(i), **common)
+                for i, p in enumerate(paths)]
+    finally:
+        for t in tasks.values():
+            t.future.cancel()
+
+
+def _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, batch_size, wait_s, overrides=None,
+                  *, predict=None, live=None):
     claim = _claim(store, row, owner, path, db_path, wait_s, progress)
     new_scan = claim.state == "claimed"
     scan_id = claim.scan_id
@@ -251,7 +408,8 @@ def _ingest_owned(store, row, owner, path, db_path, scan, gt, models, progress, 
     try:
         _pause("scan_row")
         written = _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch_size, temps,
-                              owner=owner if new_scan else None, overrides=overrides, geometry_out=geometry)
+                              owner=owner if new_scan else None, overrides=overrides, geometry_out=geometry,
+                              predict=predict or _predict_local, live=live)
     except BaseException:
         if heartbeat is not None:
             heartbeat.stop()
@@ -389,11 +547,9 @@ def _roll_back(store, scan_id: int, owner: str, db_path: Path, path) -> None:
                   path, scan_id, err)
 
 
-def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch_size, temps, *, owner,
-                overrides=None, geometry_out: dict | None = None):
-    """Run the models that lack a run on the scan and commit all their runs in one transaction; the run ids."""
-    from polcore.analysis import estimate_cell_px, irregularity, pool_scan
-    from polcore.infer import predict_scan_many
+def _todo(store, scan_id, names) -> tuple[list[str], dict[str, int], float | None, object]:
+    """The models of ``names`` that lack a run on the scan; the stored model ids by name, the scan's lattice period
+    (None: unknown before inference) and ``has(name, layer)``."""
     from polcore.store import queries
 
     info = queries.scan_info(store, scan_id)
@@ -406,14 +562,86 @@ def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch
 
     # a cell run is owed only where the lattice period is known before inference (calibration); for an
     # uncalibrated scan whose periodicity shows no lattice, a re-ingest must not rerun the models every time
-    todo = [n for n in models if not has(n) or (period is not None and not has(n, "cell"))]
+    todo = [n for n in names if not has(n) or (period is not None and not has(n, "cell"))]
+    return todo, known, period, has
+
+
+def _predict_local(scan, path, names, entries, *, batch_size, progress, overrides, on_batch):
+    """The predictions of one scan in this process: ONE pass (:func:`polcore.infer.predict_scan_many`)."""
+    from polcore.distributed import FIT_PATTERNS
+    from polcore.infer import predict_scan_many
+
+    results = predict_scan_many(scan, [e[0] for e in entries], batch_size=batch_size, progress=progress,
+                                geometry_overrides=overrides or None, on_batch=on_batch, fit_patterns=FIT_PATTERNS)
+    return results, None
+
+
+class _PredictBlocks:
+    """The predictions of one scan, its row blocks spread over a Dask executor
+    (:func:`polcore.distributed.predict_blocks`)."""
+
+    def __init__(self, executor, block_patterns: int | None):
+        self.executor, self.block_patterns = executor, block_patterns
+
+    def __call__(self, scan, path, names, entries, *, batch_size, progress, overrides, on_batch):
+        from polcore.distributed import BLOCK_PATTERNS, predict_blocks
+
+        stats: dict = {}
+        results = predict_blocks(self.executor, scan, path, [e[0] for e in entries], [e[2] for e in entries],
+                                 batch_size=batch_size, block_patterns=self.block_patterns or BLOCK_PATTERNS,
+                                 geometry_overrides=overrides or None, progress=progress, on_batch=on_batch,
+                                 stats=stats)
+        return results, dict(mode="row blocks", **stats)
+
+
+class _PredictFromTask:
+    """The predictions of one scan from a task submitted earlier (:func:`ingest_many`: one task per scan), or in
+    this process when the task does not cover the models still owed (the store changed meanwhile)."""
+
+    def __init__(self, names: list[str], future):
+        self.names, self.future = list(names), future
+
+    def __call__(self, scan, path, names, entries, *, batch_size, progress, overrides, on_batch):
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        if not set(names) <= set(self.names):
+            self.future.cancel()
+            log.info("%s: the models owed changed since the task was submitted; predicting here", path)
+            return _predict_local(scan, path, names, entries, batch_size=batch_size, progress=progress,
+                                  overrides=overrides, on_batch=on_batch)
+        t0 = time.monotonic()
+        while True:
+            try:
+                res = self.future.result(timeout=1.0)
+                break
+            except FutureTimeout:  # a progress call lets a cancel through while the worker computes
+                progress(0.0, f"predicting on a Dask worker ({time.monotonic() - t0:.0f} s)")
+        by = dict(zip(self.names, res))
+        results = [by[n] for n in names]
+        n_total = int(np.prod(scan.nav_shape))
+        if on_batch is not None:
+            on_batch(np.arange(n_total), [r.pred.ravel() for r in results])
+        progress(1.0, f"{n_total} patterns x {len(names)} model(s) predicted on a Dask worker")
+        return results, dict(mode="one task per scan")
+
+
+def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch_size, temps, *, owner,
+                overrides=None, geometry_out: dict | None = None, predict=None, live=None):
+    """Run the models that lack a run on the scan and commit all their runs in one transaction; the run ids."""
+    from polcore.analysis import estimate_cell_px, irregularity, pool_scan
+
+    todo, known, period, has = _todo(store, scan_id, list(models))
     if not todo:
         if owner is not None:  # a claimed row with nothing to run: just mark it ready
             store.write_runs(scan_id, [], owner=owner, set_status="ready")
         return []
     progress(0.0, f"running {len(todo)} model(s) on {Path(path).name}")
-    results = predict_scan_many(scan, [models[n][0] for n in todo], batch_size=batch_size,
-                                progress=lambda f, m: progress(0.9 * f, m), geometry_overrides=overrides or None)
+    if live is not None:
+        live.begin(scan.nav_shape, todo)
+    results, where = (predict or _predict_local)(
+        scan, path, todo, [models[n] for n in todo], batch_size=batch_size,
+        progress=lambda f, m: progress(0.9 * f, m), overrides=overrides,
+        on_batch=None if live is None else live.update)
     if geometry_out is not None:
         geometry_out.update(results[0].geometry)
     _pause("inference")
@@ -437,6 +665,8 @@ def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch
         irr = irregularity(res.pred, res.probs, period_px=period)
         cfg = dict(batch_size=batch_size, preprocessing=res.preprocess, cell_px=period, cell_px_source=period_source,
                    geometry=res.geometry)
+        if where is not None:  # predicted on a Dask cluster: how
+            cfg["dask"] = where
         model = {"model_id": known[n]} if n in known else {"model": n}
         if not has(n):
             runs.append(dict(model, predictions=_prediction_frame(res, gt, irr), seconds=res.seconds,
@@ -462,7 +692,8 @@ def _run_models(store, scan_id, scan, gt, path, models, db_path, progress, batch
 
     progress(0.995, f"writing {len(runs)} run(s) of {len(todo)} model(s) in one transaction")
     return store.write_runs(scan_id, runs, models=specs, owner=owner, set_status="ready" if owner else None,
-                            before_commit=move_features)
+                            before_commit=move_features, images=getattr(results[0], "virtual", None),
+                            images_meta=getattr(results[0], "virtual_info", None))  # once per scan
 
 
 def _prediction_frame(res, gt, irregular: np.ndarray) -> dict:

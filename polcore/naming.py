@@ -12,7 +12,10 @@ DEFAULT_ARCH = {"custom_cnn": "study", "resnet": "resnet18", "vgg": "vgg11_bn"}
 
 
 def run_name(family: str, head: str, seed, arch: str | None = None, tag: str | None = None) -> str:
-    """File-name-safe model name from its recipe (PCA+kNN has no architecture)."""
+    """File-name-safe model name from its recipe (PCA+kNN has no architecture; the untrained CoM-direction
+    baseline has neither architecture nor seed: ``com_direction-cls``)."""
+    if family == "com_direction":
+        return "-".join(str(p) for p in (family, head, tag) if p)
     parts = [family]
     if family != "pca_knn":
         parts.append(arch or DEFAULT_ARCH[family])
@@ -28,6 +31,8 @@ def model_name(meta: dict) -> str:
     family = cfg.get("family", meta.get("family"))
     head = cfg.get("head", meta.get("head"))
     seed = cfg.get("seed", meta.get("seed"))
+    if family == "com_direction":
+        return run_name(family, head, None, tag=cfg.get("tag"))
     if family in DEFAULT_ARCH or family == "pca_knn":
         arch = cfg.get("arch") or (meta.get("model_cfg") or {}).get("arch")
         return run_name(family, head, seed, arch, cfg.get("tag"))

@@ -197,7 +197,7 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
     pre = draws_preprocessor(lib)
     aug = None
     if cfg.augment:
-        aug = (MicroscopeAugment() if cfg.augment_profile == "microscope" else
+        aug = (MicroscopeAugment(**cfg.augment_kwargs) if cfg.augment_profile == "microscope" else
                MicroscopeAugment(scale_range=0.0, shift_px=0.0, p_blur=0.0, p_background=0.0, p_hot=0.0))
     # validation: the 'val' draws; a model of the ideal subset validates on its last ideal_train draw instead
     # (ideal, independent of its training draws, and never the held-out ideal_test draws)

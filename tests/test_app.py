@@ -77,12 +77,16 @@ def test_every_page_renders(store_info, page):
     at = _page(page)
     assert not _problems(at), _problems(at)
     assert time.perf_counter() - t0 < 30
-    assert at.sidebar.selectbox(key="w_scan").value == store_info.scan_ids["syn_20nm"]
+    if page in (PAGES[1], PAGES[2], PAGES[4]):  # the pages where the scan filter applies
+        assert at.sidebar.selectbox(key="w_scan").value == store_info.scan_ids["syn_20nm"]
+    else:
+        assert not [s for s in at.sidebar.selectbox if s.key == "w_scan"]
+    assert at.session_state["f_scan"] == store_info.scan_ids["syn_20nm"]  # kept for the other pages
 
 
 @pytest.mark.parametrize("page", [PAGES[1], PAGES[2], PAGES[3], PAGES[4]])
 def test_scan_without_ground_truth(store_info, page):
-    at = _page(page, {"scan": str(store_info.scan_ids["exp_nogt"]), "model": "pca_knn-cls-s0"})
+    at = _page(page, {"scan": str(store_info.scan_ids["exp_nogt"]), "model": "pca_knn-cls-s0", "tab": "errors"})
     assert not _problems(at), _problems(at)
     assert at.session_state["f_scan"] == store_info.scan_ids["exp_nogt"]
     if page == PAGES[2]:
@@ -115,10 +119,11 @@ def test_benchmark_shows_study_rows_and_majority(store_info):
 
 
 def test_error_maps_render_all_maps(store_info):
-    at = _page(PAGES[2], {"scan": str(store_info.scan_ids["exp_wedge"]), "model": "resnet-cls-s0"})
+    at = _page(PAGES[2], {"scan": str(store_info.scan_ids["exp_wedge"]), "model": "resnet-cls-s0",
+                          "tab": "periodic"})
     assert not _problems(at)
     charts = at.get("plotly_chart")
-    assert len(charts) >= 6  # class, truth, errors, confidence, spectrum, unit cell
+    assert len(charts) >= 7  # class, confidence, arrows, truth, errors, spectrum, unit cell
     labels = [m.label for m in at.metric]
     assert "Error period [scan px]" in labels and "Lattice period [scan px]" in labels
 
@@ -136,7 +141,8 @@ def test_defects_page_with_mask(store_info):
 
 def test_query_params_set_filters(store_info):
     sid = store_info.scan_ids["exp_wedge"]
-    at = _page(PAGES[2], {"scan": str(sid), "model": "resnet-cls-s1", "th": "20-30", "region": "12,2,3,20"})
+    at = _page(PAGES[2], {"scan": str(sid), "model": "resnet-cls-s1", "th": "20-30", "region": "12,2,3,20",
+                          "tab": "errors"})
     assert not _problems(at)
     ss = at.session_state
     assert ss["f_scan"] == sid and ss["f_model"] == "resnet-cls-s1"
@@ -175,7 +181,7 @@ def test_region_selection_changes_error_table(store_info):
     from polcore.store import PredictionStore, queries
 
     sid = store_info.scan_ids["exp_wedge"]
-    at = _page(PAGES[2], {"scan": str(sid), "model": "resnet-cls-s0"})
+    at = _page(PAGES[2], {"scan": str(sid), "model": "resnet-cls-s0", "tab": "errors"})
     full = _errors_table(at)
     region = (4, 15, 6, 25)
     at.session_state["f_region"] = region  # what a box selection on the class map sets
@@ -197,11 +203,16 @@ def test_region_selection_changes_error_table(store_info):
 
 
 def test_region_typed_in_sidebar(store_info):
-    at = _page(PAGES[2])
-    at.sidebar.text_input(key="w_region").input("3, 1, 2, 9").run()
-    assert at.session_state["f_region"] == (1, 3, 2, 9)
-    at.sidebar.text_input(key="w_region").input("nonsense").run()
-    assert at.session_state["f_region"] == (1, 3, 2, 9)
+    """Four number fields (y0, y1, x0, x1); an empty field means 'to the edge of the scan'."""
+    at = _page(PAGES[2], {"scan": str(store_info.scan_ids["exp_wedge"]), "model": "resnet-cls-s0"})
+    assert [n.value for n in at.sidebar.number_input] == [None] * 4
+    at.sidebar.number_input(key="w_ry1").set_value(3).run()
+    assert at.session_state["f_region"] == (0, 3, 0, 35)  # exp_wedge is 30 x 36
+    at.sidebar.number_input(key="w_rx0").set_value(9).run()
+    at.sidebar.number_input(key="w_ry0").set_value(1).run()
+    assert at.session_state["f_region"] == (1, 3, 9, 35)
+    assert [n.value for n in at.sidebar.number_input] == [1, 3, 9, 35]
+    assert at.query_params["region"] == "1,3,9,35"
     assert not at.exception
 
 

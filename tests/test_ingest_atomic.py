@@ -161,7 +161,8 @@ def _outcome(db: Path, before: dict, before_files: set[str], sha: str) -> str:
     assert sorted((r[1], r[3]) for r in runs) == sorted((m, la) for m in MODELS for la in ("cell", "pattern"))
     assert all(r[4] == "finished" and r[5] == NY * NX for r in runs)
     assert n_pred == len(MODELS) * 2 * NY * NX
-    assert extra == {**{t: 0 for t in before}, "scans": 1, "models": 1, "runs": 4, "predictions": n_pred}, extra
+    assert extra == {**{t: 0 for t in before}, "scans": 1, "models": 1, "runs": 4, "predictions": n_pred,
+                     "scan_images": 4}, extra  # the virtual images (bf, adf, com_y, com_x), in the same transaction
     want = {f"scan{sid}_model{m}.npz" for m in {r[2] for r in runs}}
     assert files == before_files | want, sorted(files ^ (before_files | want))
     for name in want:

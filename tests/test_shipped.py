@@ -23,7 +23,12 @@ from polcore.train import SHIPPED_MODELS, TrainConfig, profile_configs
 
 @pytest.fixture(scope="module")
 def shipped():
-    paths = checkpoints(shipped_models_dir())
+    """The shipped TRAINED checkpoints (the untrained CoM-direction baseline is shipped beside them and checked
+    in tests/test_com_baseline.py)."""
+    from polcore.models import UNTRAINED_FAMILIES
+
+    paths = [p for p in checkpoints(shipped_models_dir())
+             if read_checkpoint_meta(p).get("family") not in UNTRAINED_FAMILIES]
     if not paths:
         pytest.fail(f"no shipped checkpoints in {shipped_models_dir()}")
     return paths

@@ -346,7 +346,7 @@ def test_delete_scan_removes_only_its_rows(store, scan_model, rng):
     store.write_embeddings(emb)
     store.write_domain_gap(mid, sid, sid2, auc=0.9)
     out = store.delete_scan(sid)
-    assert out == {"predictions": 12, "runs": 1, "embeddings": 1, "domain_gap": 1, "scans": 1}
+    assert out == {"predictions": 12, "runs": 1, "embeddings": 1, "domain_gap": 1, "scan_images": 0, "scans": 1}
     counts = store.counts()
     assert (counts["scans"], counts["runs"], counts["predictions"], counts["embeddings"]) == (1, 1, 12, 1)
     assert queries.list_runs(store)["run_id"].tolist() == [keep]

@@ -29,6 +29,7 @@ from polcore import settings
 __all__ = [
     "build_demo",
     "ingest_scan",
+    "live_map",
     "available_models",
     "save_upload",
     "UploadRefused",
@@ -75,11 +76,12 @@ def build_demo(db_path: Path, progress=None):
 
 def ingest_scan(path: Path, model_names: list[str], db_path: Path, progress=None, name: str | None = None,
                 kind: str = "experimental", dataset: str | None = None, *, rotation_deg: float | None = None,
-                flip: bool | None = None) -> int:
+                flip: bool | None = None, live=None) -> int:
     """Ingest one scan with the chosen models (:func:`polcore.ingest.ingest_scan`); returns the scan_id.
 
-    Checkpoints come from :func:`polcore.settings.models_dir`. A failed ingest leaves the database as it was.
-    ``rotation_deg`` / ``flip``: the user's detector geometry (None = the file's, else the estimate).
+    Checkpoints come from :func:`polcore.settings.models_dir`. A failed or cancelled ingest leaves the database
+    as it was. ``rotation_deg`` / ``flip``: the user's detector geometry (None = the file's, else the estimate).
+    ``live``: a :func:`live_map` that the pass fills in batch by batch (the page's progressive map).
     """
     from polcore.ingest import ingest_scan as _ingest
 
@@ -87,7 +89,14 @@ def ingest_scan(path: Path, model_names: list[str], db_path: Path, progress=None
     with _UPLOAD_LOCK:
         sha = _UPLOAD_SHA.get(str(path))
     return _ingest(path, model_names, db_path, progress=progress, name=name, kind=kind, dataset=dataset,
-                   model_dir=settings.models_dir(), sha256=sha, rotation_deg=rotation_deg, flip=flip)
+                   model_dir=settings.models_dir(), sha256=sha, rotation_deg=rotation_deg, flip=flip, live=live)
+
+
+def live_map(model: str | None):
+    """A :class:`polcore.ingest.LiveMap` for the class map of ``model`` (the first chosen) during an ingest."""
+    from polcore.ingest import LiveMap
+
+    return LiveMap(model)
 
 
 def available_models(model_dir: Path | None = None) -> dict[str, Path]:

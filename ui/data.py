@@ -45,6 +45,11 @@ __all__ = [
     "periodic_analysis",
     "defect_analysis",
     "pattern",
+    "scan_images",
+    "has_scan_images",
+    "cell_run",
+    "library_pattern",
+    "panel_module",
     "clear_caches",
 ]
 
@@ -228,6 +233,52 @@ def pattern(source_file: str, iy: int, ix: int) -> np.ndarray:
     return np.asarray(read_pattern(source_file, iy, ix), dtype=np.float32)
 
 
+def has_scan_images() -> bool:
+    """Whether this polcore stores virtual images per scan (``queries.scan_images`` exists)."""
+    return callable(getattr(_q(), "scan_images", None))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def scan_images(tok: tuple, scan_id: int) -> dict[str, np.ndarray] | None:
+    """Virtual images of a scan stored at ingest (``queries.scan_images``): 'bf', 'adf', 'com_y', 'com_x',
+    each (ny, nx) float32; None when the scan has none (or this polcore does not store them)."""
+    fn = getattr(_q(), "scan_images", None)
+    if fn is None:
+        return None
+    out = fn(store(), int(scan_id))
+    if not out:
+        return None
+    return {str(k): np.asarray(v, dtype=np.float32) for k, v in out.items() if v is not None}
+
+
+def cell_run(tok: tuple, scan_id: int | None, model_name: str | None) -> int | None:
+    """run_id of the per-unit-cell layer of ``model_name`` on ``scan_id``, or None."""
+    return find_run(tok, scan_id, model_name, "cell")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def library_pattern(cls: int, thickness_nm: float, frac_y: float, frac_x: float) -> tuple[np.ndarray, dict]:
+    """The committed library's pattern of class ``cls`` at a position in the unit cell
+    (:func:`polcore.simulate.library.pattern_at`, one entry read, not the whole library)."""
+    from polcore.simulate.library import pattern_at
+
+    return pattern_at(int(cls), float(thickness_nm), float(frac_y), float(frac_x))
+
+
+def panel_module():
+    """``polcore.panel`` (the figure panel for slides: ``panel_figure``, ``FORMATS``, ``DPI``), or None when
+    this polcore has none (the page then hides its export button)."""
+    try:
+        from polcore import panel
+    except ImportError:
+        return None
+    except Exception:  # noqa: BLE001 - a broken optional module must not take the page down
+        log.exception("polcore.panel could not be imported")
+        return None
+    ok = callable(getattr(panel, "panel_figure", None)) and hasattr(panel, "FORMATS") and hasattr(panel, "DPI")
+    return panel if ok else None
+
+
 def clear_caches() -> None:
     """Drop every cached query result (after a write whose token change might be missed)."""
     for fn in (
@@ -247,6 +298,7 @@ def clear_caches() -> None:
         thickness_bounds,
         periodic_analysis,
         defect_analysis,
+        scan_images,
         _store_ready,
     ):
         fn.clear()

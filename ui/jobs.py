@@ -13,6 +13,10 @@ refused with :class:`QueueFull`.
 Cancel: :meth:`JobRegistry.cancel` sets the job's flag; a queued job then never starts ("cancelled"); a
 running job's next ``progress(...)`` call raises :class:`JobCancelled`, the work function unwinds (an ingest
 rolls back what it wrote) and the job ends "cancelled" once the exception has left the work function.
+
+Progressive results: :attr:`Job.live` holds what the work fills in while it runs (an ingest's
+:class:`polcore.ingest.LiveMap`, passed to the work as ``live=`` and set on the job by the page); the page reads
+it with its own fragment (the Upload page's map).
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ class Job:
     error : short error message when failed (the traceback goes to the log).
     created, started, finished : time.time() stamps [s] (``started`` is None while queued).
     path : the file the job works on (an ingest's scan), so the upload clean-up leaves it alone.
+    live : what the work fills in while it runs, for the page to show (an ingest's
+        :class:`polcore.ingest.LiveMap`: the class map so far, patterns/s, time left); thread-safe itself.
     """
 
     job_id: str
@@ -97,6 +103,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     path: str | None = None
+    live: Any = None
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -32,12 +32,27 @@ __all__ = [
     "download_table",
     "scan_label",
     "NAV",
+    "FILTERS",
+    "PAGE_FILTERS",
 ]
 
 log = logging.getLogger(__name__)
 
 ALL_DATASETS = "\u2014 all data sets \u2014"
 _ALL = "__all__"  # option value of "all data sets" (a None option would show as an empty selectbox)
+
+#: Every sidebar filter, in the order they are drawn.
+FILTERS: tuple[str, ...] = ("dataset", "scan", "model", "layer", "thickness", "region")
+#: The sidebar filters that apply on each page (by title); a page not listed shows all of them.
+PAGE_FILTERS: dict[str, tuple[str, ...]] = {
+    "Overview": (),
+    "Benchmark": ("dataset", "layer", "thickness", "region"),
+    "Confusion": ("dataset", "scan", "layer", "thickness", "region"),
+    "Error maps": FILTERS,
+    "Embeddings": ("model", "thickness", "region"),
+    "Defects": FILTERS,
+    "Upload": (),
+}
 
 #: Pages of the app in menu order: (script path, label, Material icon).
 NAV: tuple[tuple[str, str, str], ...] = (
@@ -164,108 +179,63 @@ def _select(
     return cur
 
 
-def _sidebar_filters(ctx: PageContext) -> None:
-    sb = st.sidebar
-    sb.header("Filters")
-    scans = ctx.scans
-    datasets = list(dict.fromkeys(scans["dataset"].dropna().astype(str))) if len(scans) else []
-    if st.session_state.get("f_dataset") is None:
-        st.session_state["f_dataset"] = _ALL
-    ds = _select(
-        sb,
-        "Data set",
-        [_ALL, *datasets],
-        "f_dataset",
-        "w_dataset",
-        format_func=lambda v: ALL_DATASETS if v == _ALL else v,
-        after=state.clear_region,
-        help="A benchmark row: scans of one kind, thickness and cell size.",
-    )
-    if ds == _ALL:
-        ds = None
-        st.session_state["f_dataset"] = None
-    ctx.dataset = ds
-    pool = scans if ds is None else scans[scans["dataset"] == ds]
-    labels = {int(r.scan_id): scan_label(r._asdict()) for r in pool.itertuples()}
-    scan_id = _select(
-        sb,
-        "Scan",
-        list(labels),
-        "f_scan",
-        "w_scan",
-        format_func=lambda v: labels.get(v, str(v)),
-        after=state.clear_region,
-    )
-    ctx.scan = None if scan_id is None else scans[scans["scan_id"] == scan_id].iloc[0]
+def _resolve(options: list, state_key: str):
+    """The state key's value if it is one of ``options``, else the first option (stored back)."""
+    cur = st.session_state.get(state_key)
+    if cur not in options:
+        cur = options[0] if options else None
+        st.session_state[state_key] = cur
+    return cur
 
-    runs = data.runs(ctx.tok)
-    models = ctx.models
-    names = list(models["name"]) if len(models) else []
-    if scan_id is not None and len(runs):
-        on_scan = set(runs.loc[runs["scan_id"] == scan_id, "model"])
-        if on_scan:
-            names = [n for n in names if n in on_scan]
-    _select(sb, "Model", names, "f_model", "w_model", help="Models with a stored run on the selected scan.")
-    name = st.session_state.get("f_model")
-    ctx.model = None if name is None else models[models["name"] == name].iloc[0]
-    layers = list(state.LAYER_LABELS)
-    st.session_state["w_layer"] = state.current_layer()
-    sb.radio(
-        "Prediction layer",
-        layers,
-        key="w_layer",
-        format_func=state.LAYER_LABELS.get,
-        horizontal=True,
-        on_change=_bind("w_layer", "f_layer"),
-        help="Per pattern: each probe position's own class. Per unit cell: the class log-probabilities of the "
-             "positions in each projected unit cell summed, the cell's class shown at each of its positions.",
-    )
-    ctx.layer = state.current_layer()
-    ctx.run_id = data.find_run(ctx.tok, scan_id, name, ctx.layer)
 
-    bounds = data.thickness_bounds(ctx.tok)
-    if bounds is not None and bounds[1] > bounds[0]:
-        lo, hi = math.floor(bounds[0]), math.ceil(bounds[1])
-        th = st.session_state.get("f_th")
-        value = (float(lo), float(hi)) if th is None else (max(float(lo), min(th)), min(float(hi), max(th)))
-        if value[0] > value[1]:
-            value = (float(lo), float(hi))
-        st.session_state["w_th"] = value
+def _region_bounds(ctx: PageContext) -> tuple[int, int]:
+    """(ny, nx) the region fields refer to: the selected scan's, else the largest stored scan's."""
+    if ctx.scan is not None:
+        return int(ctx.scan["ny"]), int(ctx.scan["nx"])
+    if len(ctx.scans):
+        return int(ctx.scans["ny"].max()), int(ctx.scans["nx"].max())
+    return 1, 1
 
-        def _th(v, lo=float(lo), hi=float(hi)):
-            v = (float(v[0]), float(v[1]))
-            return None if v == (lo, hi) else v
 
-        sb.slider(
-            "Thickness [nm]",
-            min_value=float(lo),
-            max_value=float(hi),
-            step=0.5,
-            key="w_th",
-            on_change=_bind("w_th", "f_th", _th),
-            help="Local sample thickness of each probe position (ground truth of the scan).",
-        )
-    else:
-        sb.caption("Thickness: not known for the stored scans.")
+#: The four region fields: widget key -> (label, index in (y0, y1, x0, x1)).
+REGION_FIELDS: dict[str, tuple[str, int]] = {
+    "w_ry0": ("first row y0", 0),
+    "w_ry1": ("last row y1", 1),
+    "w_rx0": ("first column x0", 2),
+    "w_rx1": ("last column x1", 3),
+}
 
+
+def _region_changed(ny: int, nx: int) -> None:
+    """on_change of a region field: empty fields mean 'to the edge'; the whole scan (or all empty) = none."""
+    vals = [st.session_state.get(k) for k in REGION_FIELDS]
+    if all(v is None for v in vals):
+        state.set_region(None)
+        return
+    full = (0, ny - 1, 0, nx - 1)
+    region = tuple(int(v) if v is not None else full[i] for i, v in enumerate(vals))
+    state.set_region(None if region == full else region)
+
+
+def _region_fields(sb, ctx: PageContext) -> None:
+    """The region as four number fields (inclusive scan pixels), plus its summary and a clear button."""
     region = st.session_state.get("f_region")
-    st.session_state["w_region"] = state.format_region(region) or ""
-
-    def _region_text(v):
-        try:
-            return state.parse_region(v)
-        except ValueError:
-            st.session_state["_region_error"] = f"Region {v!r} ignored: use y0,y1,x0,x1 (scan pixels)."
-            return st.session_state.get("f_region")
-
-    sb.text_input(
-        "Region y0,y1,x0,x1",
-        key="w_region",
-        on_change=_bind("w_region", "f_region", _region_text),
-        help="Inclusive scan-pixel rectangle. Drag a box on the class map (Error maps page) to set it.",
-    )
-    if st.session_state.pop("_region_error", None):
-        sb.warning("Region ignored: use four integers y0,y1,x0,x1.")
+    ny, nx = _region_bounds(ctx)
+    sb.markdown("**Region** (scan pixels, inclusive)")
+    cols = [*sb.columns(2), *sb.columns(2)]
+    for col, (key, (label, i)) in zip(cols, REGION_FIELDS.items()):
+        st.session_state[key] = None if region is None else int(region[i])
+        col.number_input(
+            label,
+            min_value=0,
+            value=None,
+            step=1,
+            key=key,
+            placeholder="edge" if i % 2 else "0",
+            on_change=_region_changed,
+            args=(ny, nx),
+            help="Empty = to the edge of the scan. Or drag a box on the class map (Error maps page).",
+        )
     if region is None:
         sb.caption("Region: whole scan.")
     else:
@@ -277,13 +247,137 @@ def _sidebar_filters(ctx: PageContext) -> None:
     sb.button("Clear region", on_click=state.clear_region, disabled=region is None, key="b_clear_region")
 
 
-def init_page(title: str, icon: str | None = None) -> PageContext:
+def _sidebar_filters(ctx: PageContext, show: frozenset[str]) -> None:
+    """Resolve every filter from its state key (so links and other pages keep them) and draw the widgets of
+    the filters in ``show`` (the ones that apply to this page)."""
+    sb = st.sidebar
+    if show:
+        sb.header("Filters")
+    scans = ctx.scans
+    datasets = list(dict.fromkeys(scans["dataset"].dropna().astype(str))) if len(scans) else []
+    if st.session_state.get("f_dataset") is None:
+        st.session_state["f_dataset"] = _ALL
+    ds_opts = [_ALL, *datasets]
+    if "dataset" in show:
+        ds = _select(
+            sb,
+            "Data set",
+            ds_opts,
+            "f_dataset",
+            "w_dataset",
+            format_func=lambda v: ALL_DATASETS if v == _ALL else v,
+            after=state.clear_scan_view,
+            help="A benchmark row: scans of one kind, thickness and cell size.",
+        )
+    else:
+        ds = _resolve(ds_opts, "f_dataset")
+    if ds == _ALL:
+        ds = None
+        st.session_state["f_dataset"] = None
+    ctx.dataset = ds
+    pool = scans if ds is None else scans[scans["dataset"] == ds]
+    labels = {int(r.scan_id): scan_label(r._asdict()) for r in pool.itertuples()}
+    if "scan" in show:
+        scan_id = _select(
+            sb,
+            "Scan",
+            list(labels),
+            "f_scan",
+            "w_scan",
+            format_func=lambda v: labels.get(v, str(v)),
+            after=state.clear_scan_view,
+        )
+    else:
+        scan_id = _resolve(list(labels), "f_scan")
+    ctx.scan = None if scan_id is None else scans[scans["scan_id"] == scan_id].iloc[0]
+
+    runs = data.runs(ctx.tok)
+    models = ctx.models
+    names = list(models["name"]) if len(models) else []
+    if scan_id is not None and len(runs) and "scan" in show:
+        on_scan = set(runs.loc[runs["scan_id"] == scan_id, "model"])
+        if on_scan:
+            names = [n for n in names if n in on_scan]
+    from polcore.train import RECOMMENDED_MODEL
+
+    if RECOMMENDED_MODEL in names:  # the recommended model is the default choice (first option)
+        names = [RECOMMENDED_MODEL] + [n for n in names if n != RECOMMENDED_MODEL]
+    if "model" in show:
+        _select(sb, "Model", names, "f_model", "w_model", help="Models with a stored run on the selected scan.")
+    elif st.session_state.get("f_model") not in names:
+        _resolve(names, "f_model")
+    name = st.session_state.get("f_model")
+    ctx.model = None if name is None else models[models["name"] == name].iloc[0]
+    if "layer" in show:
+        st.session_state["w_layer"] = state.current_layer()
+        sb.radio(
+            "Prediction layer",
+            list(state.LAYER_LABELS),
+            key="w_layer",
+            format_func=state.LAYER_LABELS.get,
+            horizontal=True,
+            on_change=_bind("w_layer", "f_layer"),
+            help="Per pattern: each probe position's own class. Per unit cell: the class log-probabilities of "
+                 "the positions in each projected unit cell summed, the cell's class shown at each of its "
+                 "positions.",
+        )
+    ctx.layer = state.current_layer()
+    ctx.run_id = data.find_run(ctx.tok, scan_id, name, ctx.layer)
+
+    if "thickness" in show:
+        bounds = data.thickness_bounds(ctx.tok)
+        if bounds is not None and bounds[1] > bounds[0]:
+            lo, hi = math.floor(bounds[0]), math.ceil(bounds[1])
+            th = st.session_state.get("f_th")
+            value = (float(lo), float(hi)) if th is None else (max(float(lo), min(th)), min(float(hi), max(th)))
+            if value[0] > value[1]:
+                value = (float(lo), float(hi))
+            st.session_state["w_th"] = value
+
+            def _th(v, lo=float(lo), hi=float(hi)):
+                v = (float(v[0]), float(v[1]))
+                return None if v == (lo, hi) else v
+
+            sb.slider(
+                "Thickness [nm]",
+                min_value=float(lo),
+                max_value=float(hi),
+                step=0.5,
+                key="w_th",
+                on_change=_bind("w_th", "f_th", _th),
+                help="Local sample thickness of each probe position (ground truth of the scan).",
+            )
+        else:
+            sb.caption("Thickness: not known for the stored scans.")
+    if "region" in show:
+        _region_fields(sb, ctx)
+
+
+def _link_button(ctx: PageContext) -> None:
+    """'Copy link to this view': the page's URL with the view's query parameters, in a code box with a copy
+    button (Streamlit's own; no clipboard script needed)."""
+    try:
+        base = st.context.url or ""
+    except Exception:  # noqa: BLE001 - no browser context (bare script runs)
+        base = ""
+    link = state.view_link(base)
+    with st.sidebar.popover("Copy link to this view", icon=":material/link:", width="stretch"):
+        st.caption("The copy icon at the right of the box copies the link: it opens this page with the same "
+                   "scan, model, filters and probe position.")
+        st.code(link, language=None, wrap_lines=True)
+
+
+def init_page(title: str, icon: str | None = None, filters: tuple[str, ...] | None = None) -> PageContext:
     """Set up a page: config, filters from the URL (once per session), sidebar filters, filters to the URL.
 
     Parameters
     ----------
     title : page title (also the browser tab's).
     icon : optional emoji or Material icon for the tab.
+    filters : the sidebar filters that apply to this page (names in :data:`FILTERS`); default
+        :data:`PAGE_FILTERS` of the title (every filter for a page not listed there). Filters that do not
+        apply are not shown and not applied (``ctx.filters`` leaves them out), but they stay in the state
+        and the URL for the other pages.
 
     Returns
     -------
@@ -292,6 +386,10 @@ def init_page(title: str, icon: str | None = None) -> PageContext:
     st.set_page_config(page_title=f"{title} \u00b7 polbench", page_icon=icon, layout="wide")
     _setup_logging()
     problems = state.load_query_params()
+    show = frozenset(PAGE_FILTERS.get(title, FILTERS) if filters is None else filters)
+    unknown = show - set(FILTERS)
+    if unknown:
+        raise ValueError(f"unknown sidebar filters {sorted(unknown)}; valid: {', '.join(FILTERS)}")
     ctx = PageContext(title=title, db=paths.db_path())
     if not st.get_option("client.showSidebarNavigation"):
         for path, label, nav_icon in NAV:
@@ -302,7 +400,7 @@ def init_page(title: str, icon: str | None = None) -> PageContext:
             ctx.tok = data.token()
             ctx.scans = data.scans(ctx.tok)
             ctx.models = data.models(ctx.tok)
-            _sidebar_filters(ctx)
+            _sidebar_filters(ctx, show)
         else:
             st.sidebar.info("No database yet. Build the demo on the Overview page or run `make run`.")
     except Exception as exc:  # noqa: BLE001 - never a traceback
@@ -310,12 +408,18 @@ def init_page(title: str, icon: str | None = None) -> PageContext:
         st.sidebar.error(f"Filters unavailable: {short_error(exc)}")
     for p in problems:
         st.sidebar.warning(p)
-    ctx.filters = state.current_filters()
+    applied = state.current_filters()
+    ctx.filters = Filters(
+        thickness=applied.thickness if "thickness" in show else None,
+        region=applied.region if "region" in show else None,
+    )
     ctx.ft = data.ftuple(ctx.filters)
     try:
         state.write_query_params()
     except Exception:  # noqa: BLE001 - the URL mirror is a convenience
         log.exception("could not write query parameters")
+    if show and ctx.ready:
+        _link_button(ctx)
     st.sidebar.caption(f"Database: `{ctx.db.name}` in `{ctx.db.parent}`")
     return ctx
 

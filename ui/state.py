@@ -13,7 +13,13 @@ state key      URL param   value
 ``f_th``       th          thickness range (lo, hi) [nm], URL ``lo-hi``; None = all
 ``f_region``   region      (y0, y1, x0, x1) inclusive scan pixels, URL ``y0,y1,x0,x1``
 ``f_layer``    layer       'pattern' (per probe position) or 'cell' (pooled per unit cell)
+``f_point``    point       (iy, ix) probe position shown on the Error maps page, URL ``iy,ix``
+``f_compare``  compare     second model of the Error maps page's comparison
+``f_tab``      tab         the Error maps page's open tab: probe, compare, periodic or errors
 =============  ==========  ===========================================================
+
+:func:`view_link` turns the current state into a link that restores the view (the sidebar's "Copy link to
+this view").
 """
 
 from __future__ import annotations
@@ -42,12 +48,22 @@ __all__ = [
     "LAYER_LABELS",
     "parse_layer",
     "current_layer",
+    "parse_point",
+    "TABS",
+    "parse_tab",
+    "set_point",
+    "current_point",
+    "clear_scan_view",
+    "view_query",
+    "view_link",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Plain session-state keys of the shared filters.
-STATE_KEYS: tuple[str, ...] = ("f_dataset", "f_scan", "f_model", "f_th", "f_region", "f_layer")
+STATE_KEYS: tuple[str, ...] = (
+    "f_dataset", "f_scan", "f_model", "f_th", "f_region", "f_layer", "f_point", "f_compare", "f_tab",
+)
 #: URL parameter of each state key.
 PARAM_OF: dict[str, str] = {
     "f_dataset": "dataset",
@@ -56,6 +72,16 @@ PARAM_OF: dict[str, str] = {
     "f_th": "th",
     "f_region": "region",
     "f_layer": "layer",
+    "f_point": "point",
+    "f_compare": "compare",
+    "f_tab": "tab",
+}
+#: The Error maps page's tabs: URL value -> label (the first is open by default).
+TABS: dict[str, str] = {
+    "probe": "Probe position",
+    "compare": "Compare two models",
+    "periodic": "Do the errors repeat with the lattice?",
+    "errors": "Wrong predictions",
 }
 #: The prediction layers (``runs.layer``) and their labels.
 LAYER_LABELS: dict[str, str] = {"pattern": "per pattern", "cell": "per unit cell"}
@@ -146,6 +172,28 @@ def parse_layer(text: str | None) -> str | None:
     return v
 
 
+def parse_point(text: str | None) -> tuple[int, int] | None:
+    """``"iy,ix"`` -> (iy, ix), both >= 0; empty -> None. Raises ValueError for anything else."""
+    if text is None or not str(text).strip():
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        iy, ix = (int(p) for p in parts)
+    except ValueError as exc:
+        raise ValueError(f"point must be iy,ix (2 integers), got {text!r}") from exc
+    if iy < 0 or ix < 0:
+        raise ValueError(f"point must be iy,ix >= 0, got {text!r}")
+    return (iy, ix)
+
+
+def parse_tab(text: str | None) -> str | None:
+    """One of :data:`TABS`; empty -> None (the first tab). Raises ValueError for anything else."""
+    v = _parse_str(text)
+    if v is not None and v not in TABS:
+        raise ValueError(f"tab must be one of {', '.join(TABS)}, got {text!r}")
+    return v
+
+
 _PARSERS = {
     "f_dataset": _parse_str,
     "f_scan": _parse_scan,
@@ -153,6 +201,9 @@ _PARSERS = {
     "f_th": parse_thickness,
     "f_region": parse_region,
     "f_layer": parse_layer,
+    "f_point": parse_point,
+    "f_compare": _parse_str,
+    "f_tab": parse_tab,
 }
 _FORMATTERS = {
     "f_dataset": lambda v: None if v is None else str(v),
@@ -161,7 +212,11 @@ _FORMATTERS = {
     "f_th": format_thickness,
     "f_region": format_region,
     "f_layer": lambda v: None if v in (None, "pattern") else str(v),
+    "f_point": lambda v: None if v is None else f"{int(v[0])},{int(v[1])}",
+    "f_compare": lambda v: None if v is None else str(v),
+    "f_tab": lambda v: None if v in (None, next(iter(TABS))) else str(v),
 }
+_POINT_SCAN = "_point_scan"  # the scan a point belongs to
 
 
 def load_query_params(params: Mapping[str, str] | None = None, state=None) -> list[str]:
@@ -191,6 +246,8 @@ def load_query_params(params: Mapping[str, str] | None = None, state=None) -> li
         except ValueError as exc:
             problems.append(f"URL parameter {name}={params[name]!r} ignored: {exc}")
             log.info(problems[-1])
+    if state.get("f_point") is not None:
+        state[_POINT_SCAN] = state.get("f_scan")
     state[_LOADED] = True
     return problems
 
@@ -240,3 +297,52 @@ def current_layer(state=None) -> str:
     state = st.session_state if state is None else state
     v = state.get("f_layer")
     return v if v in LAYER_LABELS else "pattern"
+
+
+def set_point(point: tuple[int, int] | None, scan_id: int | None, state=None) -> None:
+    """Set the probe position shown on the Error maps page (it belongs to ``scan_id``), or clear it."""
+    state = st.session_state if state is None else state
+    if point is None:
+        state["f_point"] = None
+        state[_POINT_SCAN] = None
+        return
+    state["f_point"] = (int(point[0]), int(point[1]))
+    state[_POINT_SCAN] = None if scan_id is None else int(scan_id)
+
+
+def current_point(scan_id: int | None, shape: tuple[int, int], state=None) -> tuple[int, int] | None:
+    """The probe position of ``scan_id`` inside ``shape`` (ny, nx), or None (none set, another scan's, or
+    outside the scan)."""
+    state = st.session_state if state is None else state
+    p = state.get("f_point")
+    if p is None or scan_id is None or state.get(_POINT_SCAN) != int(scan_id):
+        return None
+    iy, ix = int(p[0]), int(p[1])
+    return (iy, ix) if 0 <= iy < shape[0] and 0 <= ix < shape[1] else None
+
+
+def clear_scan_view(state=None) -> None:
+    """Clear what belongs to one scan (region and probe position): after another scan or data set is chosen."""
+    state = st.session_state if state is None else state
+    set_region(None, state)
+    set_point(None, None, state)
+
+
+def view_query(state=None) -> dict[str, str]:
+    """The URL query parameters of the current view (the filters as :func:`write_query_params` writes them)."""
+    state = st.session_state if state is None else state
+    out = {}
+    for key in STATE_KEYS:
+        value = _FORMATTERS[key](state.get(key))
+        if value is not None:
+            out[PARAM_OF[key]] = value
+    return out
+
+
+def view_link(base_url: str | None, state=None) -> str:
+    """A link to ``base_url`` (the page's URL without its query) with the current view's parameters."""
+    from urllib.parse import urlencode
+
+    query = urlencode(view_query(state), safe=",")
+    base = (base_url or "").split("?", 1)[0]
+    return f"{base}?{query}" if query else base

@@ -1,5 +1,6 @@
-"""Model registry: families ``custom_cnn``, ``resnet``, ``vgg`` (torch) and ``pca_knn`` (scikit-learn); heads
-``cls``, ``reg``, ``proto`` (``pca_knn``: ``cls`` only).
+"""Model registry: families ``custom_cnn``, ``resnet``, ``vgg`` (torch), ``pca_knn`` (scikit-learn) and
+``com_direction`` (the classical centre-of-mass direction, no training); heads ``cls``, ``reg``, ``proto``
+(``pca_knn`` and ``com_direction``: ``cls`` only).
 
 ``build_model(family, head="cls", **cfg)`` returns an estimator with ``fit(X, y, X_val, y_val, ...)``,
 ``predict(X)``, ``predict_proba(X)`` (n, 8), ``embed(X)`` (n, d) and ``infer(X)`` (all three), where X is
@@ -28,6 +29,8 @@ __all__ = [
     "FAMILIES",
     "HEADS",
     "FAMILY_HEADS",
+    "UNTRAINED_FAMILIES",
+    "ALL_FAMILIES",
     "CHECKPOINT_FORMAT",
     "build_model",
     "save_checkpoint",
@@ -39,12 +42,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: the families that are trained (``polcore.train``)
 FAMILIES: tuple[str, ...] = ("custom_cnn", "resnet", "vgg", "pca_knn")
 HEADS: tuple[str, ...] = ("cls", "reg", "proto")
 #: heads available for each family
 FAMILY_HEADS: dict[str, tuple[str, ...]] = {
-    "custom_cnn": HEADS, "resnet": HEADS, "vgg": HEADS, "pca_knn": ("cls",),
+    "custom_cnn": HEADS, "resnet": HEADS, "vgg": HEADS, "pca_knn": ("cls",), "com_direction": ("cls",),
 }
+#: families with nothing to train (no training profile makes them; their checkpoints hold fixed settings)
+UNTRAINED_FAMILIES: tuple[str, ...] = ("com_direction",)
+#: every family a checkpoint may hold (``build_model``, ``load_checkpoint``)
+ALL_FAMILIES: tuple[str, ...] = FAMILIES + UNTRAINED_FAMILIES
+#: families whose checkpoints are ``.npz`` arrays (``to_arrays`` / ``from_arrays``), not torch files
+_NPZ_FAMILIES: tuple[str, ...] = ("pca_knn", "com_direction")
 CHECKPOINT_FORMAT = "polbench-model/1"
 
 _TORCH_CFG = {
@@ -59,6 +69,7 @@ _TORCH_CFG = {
     "input_norm": True,
 }
 _PCA_CFG = {"n_components": 20, "n_neighbors": 5, "random_state": 0, "input_size": 64}
+_COM_CFG = {"kappa": 0.5, "sign": 1, "input_size": 64}
 _RUNTIME_KEYS = ("device", "weights_path")
 
 
@@ -73,7 +84,7 @@ def build_model(family: str, head: str = "cls", **cfg):
 
     Parameters
     ----------
-    family : one of ``FAMILIES``.
+    family : one of ``ALL_FAMILIES`` (the trained ``FAMILIES`` and the untrained ``com_direction``).
     head : one of ``HEADS`` (``pca_knn`` has ``cls`` only).
     **cfg : torch families: ``arch`` (resnet: resnet18 | resnet34 | resnet50; vgg: vgg11_bn | vgg13_bn |
         vgg16_bn; custom_cnn: study), ``hidden`` (neck width, 512), ``embed_dim`` (proto, 128), ``sigma`` (proto
@@ -83,17 +94,25 @@ def build_model(family: str, head: str = "cls", **cfg):
         divide by the residual std, fitted in ``fit``; see ``base.InputNorm``), ``device`` ('cpu' | 'cuda'; default CUDA when available),
         ``weights_path`` (a local state-dict file to initialise from; never downloaded).
         pca_knn: ``n_components`` (20), ``n_neighbors`` (5), ``random_state``, ``input_size``.
+        com_direction: ``kappa`` (logit scale, 0.5 / px), ``sign`` (+1: CoM along P), ``input_size``.
 
     Returns
     -------
     ``TorchModel`` or ``PCAKNNModel``.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(ALL_FAMILIES)}")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEADS)}")
     if head not in FAMILY_HEADS[family]:
         raise ValueError(f"family {family!r} has no head {head!r}; valid: {', '.join(FAMILY_HEADS[family])}")
+    if family == "com_direction":
+        bad = sorted(set(cfg) - set(_COM_CFG))
+        if bad:
+            raise ValueError(f"unknown com_direction options {bad}; valid: {', '.join(_COM_CFG)}")
+        from polcore.models.com_direction import ComDirectionModel
+
+        return ComDirectionModel(**{**_COM_CFG, **cfg})
     if family == "pca_knn":
         bad = sorted(set(cfg) - set(_PCA_CFG))
         if bad:
@@ -151,10 +170,10 @@ def _sha256(path: Path) -> str:
 
 
 def checkpoint_suffix(family: str) -> str:
-    """File suffix of a family's checkpoints: '.npz' for pca_knn, '.pt' otherwise."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(FAMILIES)}")
-    return ".npz" if family == "pca_knn" else ".pt"
+    """File suffix of a family's checkpoints: '.npz' for pca_knn and com_direction, '.pt' otherwise."""
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(ALL_FAMILIES)}")
+    return ".npz" if family in _NPZ_FAMILIES else ".pt"
 
 
 
@@ -187,7 +206,7 @@ def save_checkpoint(model, path, meta: dict | None = None) -> Path:
     m = jsonable(m)
     meta_json = json.dumps(m)
     tmp = path.with_name(path.name + ".tmp")
-    if model.family == "pca_knn":
+    if model.family in _NPZ_FAMILIES:
         with open(tmp, "wb") as fh:
             np.savez(fh, meta_json=np.array(meta_json), **model.to_arrays())
     else:
@@ -236,7 +255,12 @@ def load_checkpoint(path, device: str | None = None):
                 raise ValueError(f"{path}: not a polbench model checkpoint (no meta_json)")
             meta = json.loads(str(f["meta_json"]))
             arrays = {k: f[k] for k in f.files if k != "meta_json"}
-        model = PCAKNNModel.from_arrays(arrays, meta["model_cfg"])
+        if meta.get("family") == "com_direction":
+            from polcore.models.com_direction import ComDirectionModel
+
+            model = ComDirectionModel.from_arrays(arrays, meta["model_cfg"])
+        else:
+            model = PCAKNNModel.from_arrays(arrays, meta["model_cfg"])
     else:
         import torch
 

@@ -3,13 +3,23 @@
 ``TorchModel`` takes preprocessed patterns ``X`` (n, 64, 64) float32 (see :mod:`polcore.preprocess`) and offers
 ``fit``, ``predict``, ``predict_proba`` (n, 8), ``embed`` (n, d) and ``infer`` (all three in one pass).
 Inference runs in eval mode under ``torch.no_grad`` in batches and never augments. CUDA is used when available.
+
+Inference backends (``TorchModel.backend``, on the CPU only; a CUDA model always runs eager PyTorch): the
+feature extractor (input normalisation, backbone, neck) is the whole cost, so it is what a backend replaces;
+the head stays in PyTorch. ``'auto'`` (default) uses ONNX Runtime when ``onnxruntime`` and ``onnx`` are
+installed and the exported graph agrees with PyTorch on the first patterns, else channels-last PyTorch; it
+switches only for calls of at least :data:`FAST_MIN_PATTERNS` patterns (an export costs seconds). Measured
+rates and the tolerance check: ``benchmarks/infer_bench.py``, ``tests/test_infer_speed.py``.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,9 +30,26 @@ from torch import nn
 from polcore.models.heads import ProtoHead, class_prototypes
 from polcore.types import N_CLASSES
 
-__all__ = ["InputNorm", "Net", "TorchModel", "default_device", "load_weights_file"]
+__all__ = ["InputNorm", "Net", "TorchModel", "default_device", "load_weights_file", "BACKENDS",
+           "FAST_MIN_PATTERNS", "onnxruntime_available"]
 
 log = logging.getLogger(__name__)
+
+
+#: Inference backends of :class:`TorchModel` (see the module docstring).
+BACKENDS: tuple[str, ...] = ("auto", "onnxruntime", "channels_last", "eager")
+#: ``backend='auto'`` builds a fast runner only for an ``infer`` call of at least this many patterns.
+FAST_MIN_PATTERNS = 64
+#: A fast runner is kept only when its features agree with eager PyTorch on the first patterns of the call:
+#: ``|fast - eager| <= FAST_ATOL * (1 + max |eager|)``.
+FAST_ATOL = 1e-4
+
+
+def onnxruntime_available() -> bool:
+    """True when ``onnxruntime`` and ``onnx`` (needed by ``torch.onnx.export``) can be imported."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
 def default_device() -> str:
@@ -120,6 +147,67 @@ def load_weights_file(net: nn.Module, path: str | Path) -> dict:
     return {"path": str(path), "loaded": loaded, "skipped": skipped}
 
 
+class _Features(nn.Module):
+    """``Net.features`` as a module of its own (what a fast backend runs)."""
+
+    def __init__(self, net: Net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+def _fingerprint(net: Net) -> tuple:
+    """Storage and in-place version of every parameter and buffer of the feature extractor: changes whenever
+    the weights do (optimizer steps, ``load_state_dict``, ``InputNorm.fit``, moving the net), so a runner built
+    from them is rebuilt."""
+    parts = (net.input_norm, net.backbone, net.neck)
+    try:
+        return tuple((t.data_ptr(), t._version) for m in parts for t in (*m.parameters(), *m.buffers()))
+    except RuntimeError:  # inference-mode tensors keep no version counter: no fast runner for them
+        return None
+
+
+class _OrtFeatures:
+    """The feature extractor exported to ONNX (in memory) and run by ONNX Runtime on the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, net: Net, size: int):
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Features(net).eval(), (torch.zeros(2, 1, size, size),), buf, input_names=["x"],
+                              output_names=["h"], dynamic_axes={"x": {0: "n"}, "h": {0: "n"}}, dynamo=False)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, torch.get_num_threads())
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between ops: the scan reader thread (and anything else on the machine) gets the cores
+        # (measured: the same or faster, model alone and end to end; benchmarks/infer_bench.py)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(["h"], {"x": np.ascontiguousarray(x[:, None])})[0])
+
+
+class _ChannelsLastFeatures:
+    """A channels-last copy of the feature extractor (oneDNN's preferred layout on the CPU), eager PyTorch."""
+
+    name = "channels_last"
+
+    def __init__(self, net: Net, size: int):
+        self.module = copy.deepcopy(_Features(net)).eval().to(memory_format=torch.channels_last)
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(x[:, None])).contiguous(memory_format=torch.channels_last)
+        return self.module(t).contiguous()
+
+
 def _as_input(X) -> np.ndarray:
     x = np.asarray(X, dtype=np.float32)
     if x.ndim == 4 and x.shape[1] == 1:
@@ -160,6 +248,8 @@ class TorchModel:
         self.meta: dict = {"family": family, "head": head, "model_cfg": dict(cfg)}
         self.history_: list[dict] = []
         self.best_epoch_: int | None = None
+        self.backend = "auto"
+        self._runner: tuple | None = None  # (fingerprint, backend asked, runner or None)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -176,7 +266,73 @@ class TorchModel:
     def to(self, device) -> TorchModel:
         self.device = torch.device(device)
         self.net.to(self.device)
+        self._runner = None
         return self
+
+    def __getstate__(self) -> dict:  # copies and pickles leave the runner behind (an ONNX session is neither)
+        d = self.__dict__.copy()
+        d["_runner"] = None
+        return d
+
+    @property
+    def backend(self) -> str:
+        """Inference backend on the CPU: one of :data:`BACKENDS` (see the module docstring)."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown inference backend {value!r}; valid: {', '.join(BACKENDS)}")
+        if value == "onnxruntime" and not onnxruntime_available():
+            raise ValueError("inference backend 'onnxruntime' needs the packages onnxruntime and onnx "
+                             "(pip install onnxruntime onnx); 'auto' falls back to PyTorch without them")
+        self._backend = value
+        self._runner = None
+
+    @property
+    def active_backend(self) -> str:
+        """The backend the most recent large ``infer`` call used ('eager' on CUDA or before any)."""
+        r = self._runner
+        return r[2].name if r is not None and r[2] is not None else "eager"
+
+    def _fast_features(self, x: np.ndarray):
+        """The fast CPU runner for this call (built or reused), or None for eager PyTorch."""
+        if self.device.type != "cpu" or self.backend == "eager":
+            return None
+        fp = _fingerprint(self.net)
+        if fp is None:
+            return None
+        if self._runner is not None:
+            if self._runner[0] == fp and self._runner[1] == self.backend:
+                return self._runner[2]
+            self._runner = None  # built from other weights (or for another backend): stale
+        if self.backend == "auto" and x.shape[0] < FAST_MIN_PATTERNS:
+            return None
+        kinds = {"auto": ("onnxruntime", "channels_last") if onnxruntime_available() else ("channels_last",),
+                 "onnxruntime": ("onnxruntime",), "channels_last": ("channels_last",)}[self.backend]
+        runner = None
+        probe = x[: min(16, x.shape[0])]
+        ref = self.net.features(self._tensor(probe)).float().numpy()
+        for kind in kinds:
+            try:
+                cand = (_OrtFeatures if kind == "onnxruntime" else _ChannelsLastFeatures)(self.net, x.shape[-1])
+                got = cand(probe).float().numpy()
+            except Exception as exc:  # noqa: BLE001 - any export/runtime failure means: use the next backend
+                log.warning("%s: inference backend %s unavailable (%s: %s); falling back", self, kind,
+                            type(exc).__name__, str(exc)[:200])
+                continue
+            tol = FAST_ATOL * (1.0 + float(np.abs(ref).max(initial=0.0)))
+            if got.shape == ref.shape and float(np.abs(got - ref).max(initial=0.0)) <= tol:
+                runner = cand
+                break
+            log.warning("%s: inference backend %s disagrees with PyTorch (max |diff| %.2e > %.2e); not used",
+                        self, kind, float(np.abs(got - ref).max(initial=0.0)) if got.shape == ref.shape else
+                        float("inf"), tol)
+        if runner is None and self.backend != "auto":
+            raise RuntimeError(f"{self}: inference backend {self.backend!r} failed (see the log)")
+        log.info("%s: inference backend %s", self, runner.name if runner is not None else "eager")
+        self._runner = (fp, self.backend, runner)
+        return runner
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device).unsqueeze(1)
@@ -202,9 +358,9 @@ class TorchModel:
         self.net.eval()
         preds, probas, embs = [], [], []
         try:
+            fast = self._fast_features(x) if x.shape[0] else None
             for i in range(0, x.shape[0], batch_size):
-                xb = self._tensor(x[i : i + batch_size])
-                h = self.net.features(xb)
+                h = fast(x[i : i + batch_size]) if fast is not None else self.net.features(self._tensor(x[i : i + batch_size]))
                 out = self.net.head(h)
                 preds.append(self.net.head.predict(out).cpu().numpy())
                 probas.append(self.net.head.proba(out).float().cpu().numpy())

@@ -143,9 +143,22 @@ class PCAKNNModel:
         ).astype(np.float32) if x.shape[0] else np.zeros((0, self.embed_dim), np.float32)
 
     def infer(self, X, batch_size: int = 4096):
-        """(pred (n,), proba (n, 8), embedding (n, d)) like ``TorchModel.infer``."""
-        proba = self.predict_proba(X, batch_size)
-        return proba.argmax(axis=1).astype(np.int64), proba, self.embed(X, batch_size)
+        """(pred (n,), proba (n, 8), embedding (n, d)) like ``TorchModel.infer``.
+
+        The scaler and PCA run once per batch and feed both the embedding and the kNN (the same steps, so the
+        same numbers, as :meth:`predict_proba` and :meth:`embed` called separately).
+        """
+        self._check()
+        x = _flat(X)
+        n = x.shape[0]
+        front, knn = self.pipeline_[:-1], self.pipeline_[-1]
+        proba = np.zeros((n, N_CLASSES), np.float32)
+        emb = np.zeros((n, self.embed_dim), np.float32)
+        for i in range(0, n, batch_size):
+            z = front.transform(x[i : i + batch_size])
+            emb[i : i + batch_size] = z
+            proba[i : i + batch_size, knn.classes_] = knn.predict_proba(z)
+        return proba.argmax(axis=1).astype(np.int64), proba, emb
 
     # ------------------------------------------------------------- checkpoints
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -218,7 +218,9 @@ def simulate_cell_scan(structure: StructureParams, cfg: SimulationConfig, nuisan
     c = (cfg.cells_xy // 2) * a
     scan = abtem.GridScan(start=(c, c), end=(c + a, c + a), gpts=(cfg.positions, cfg.positions), endpoint=False)
     measurement = probe.scan(potential, scan=scan, detectors=abtem.PixelatedDetector(max_angle=None))
-    arr = np.asarray(measurement.compute(progress_bar=False).array, dtype=np.float32)
+    # the scheduler named here too, not only in configure_abtem's global config: on a Dask worker (polcore.distributed)
+    # a client may set the global config to itself at any moment, and this graph must never go there
+    arr = np.asarray(measurement.compute(progress_bar=False, scheduler="synchronous").array, dtype=np.float32)
     if arr.ndim == 4:  # a single exit plane comes back without the thickness axis
         arr = arr[None]
     if arr.shape[0] != len(exit_idx):

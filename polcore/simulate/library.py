@@ -48,6 +48,7 @@ __all__ = [
     "extra_path",
     "wavelength_A",
     "mrad_per_px",
+    "pattern_at",
 ]
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "data" / "library" / "knn_default.h5"
@@ -278,3 +279,58 @@ def load_library(path: str | Path | None = None) -> PatternLibrary:
         sha256=_sha256(path),
         path=str(path),
     )
+
+
+def pattern_at(cls: int, thickness_nm: float, frac_y: float, frac_x: float, path: str | Path | None = None,
+               *, role: str = "test") -> tuple[np.ndarray, dict]:
+    """One library pattern of class ``cls`` at a probe position inside the unit cell, read without loading
+    the whole library (one compressed (N, N, K, K) entry, a few ms; :func:`load_library` expands all of it).
+
+    Parameters
+    ----------
+    cls : class index 0..7 (the first variant of that class is taken; classes 0, 2, 4, 6 have an in-plane
+        variant and one with +-z, both project to the class).
+    thickness_nm : the nearest library thickness is taken [nm].
+    frac_y, frac_x : probe position as fractions of the cell, A site at (0, 0); the nearest simulated probe
+        position is taken (periodic).
+    path : library file (default :data:`DEFAULT_LIBRARY`).
+    role : configuration role to take (the first configuration with it; the first configuration if none).
+
+    Returns
+    -------
+    pattern : float32 (K, K), K even, optical axis at (K // 2, K // 2), as in :class:`PatternLibrary`.
+    info : dict with variant, config, thickness_nm, py, px, mrad_per_px and convergence_mrad (the disc radius
+        is convergence_mrad / mrad_per_px pixels around the optical axis).
+    """
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the Blosc filter)
+
+    path = Path(path) if path is not None else DEFAULT_LIBRARY
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no pattern library (build one with `python -m polcore simulate library`)")
+    k = int(cls)
+    if not 0 <= k < 8:
+        raise ValueError(f"class must be 0..7, got {cls!r}")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a polbench pattern library (format {f.attrs.get('format')!r})")
+        base_vectors = f["base_vectors"][()].astype(float)
+        vectors = [rotate_vector_ccw(v, q) for v in base_vectors for q in range(4)]
+        classes = [variant_class(v) for v in vectors]
+        if k not in classes:
+            raise ValueError(f"{path}: no variant of class {k}")
+        v = classes.index(k)
+        b, q = divmod(v, 4)
+        roles = [r.decode("ascii") if isinstance(r, bytes) else str(r) for r in f["configs"][()]["role"]]
+        n_main = f["patterns"].shape[1]
+        c = next((i for i, r in enumerate(roles[:n_main]) if r == role), 0)
+        ts = f["thickness_nm"][()]
+        t = int(np.argmin(np.abs(ts - float(thickness_nm)))) if np.isfinite(thickness_nm) else 0
+        entry = f["patterns"][b, c, t].astype(np.float32) / float(f.attrs["scale"])
+        mrad = float(f.attrs["mrad_per_px"])
+        conv = float(f.attrs["convergence_mrad"]) if "convergence_mrad" in f.attrs else float("nan")
+    ent = rotate_entry(entry, q)[..., :-1, :-1]
+    n = ent.shape[0]
+    py, px = int(round(float(frac_y) * n)) % n, int(round(float(frac_x) * n)) % n
+    info = dict(variant=v, config=c, thickness_nm=float(ts[t]), py=py, px=px, mrad_per_px=mrad, convergence_mrad=conv)
+    return np.ascontiguousarray(ent[py, px]), info

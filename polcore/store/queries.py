@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from polcore.store.schema import EMBEDDING_SPACES, SCAN_KINDS
+from polcore.store.schema import EMBEDDING_SPACES, IMAGE_KINDS, SCAN_KINDS
 from polcore.types import N_CLASSES, Filters
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ __all__ = [
     "labelled_predictions",
     "truth_at",
     "mean_accuracy_by_model",
+    "scan_images",
+    "scan_images_info",
 ]
 
 log = logging.getLogger(__name__)
@@ -934,3 +936,56 @@ def run_config(store: PredictionStore, run_id: int) -> dict | None:
     if raw is None or _isnull(raw) or raw == "":
         return {}
     return json.loads(raw) if isinstance(raw, str) else dict(raw)
+
+
+# ------------------------------------------------------------------------------------------ scan images
+
+
+def _read_con(store: Any):
+    """A read-only connection context for a PredictionStore, or the open StoreConnection itself."""
+    from contextlib import nullcontext
+
+    return store.connect() if hasattr(store, "connect") else nullcontext(store)
+
+
+def _has_table(con: StoreConnection, name: str) -> bool:
+    return bool(con.scalar(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = 'main' "
+        "AND table_name = ?", [name]))
+
+
+def scan_images(store: PredictionStore | StoreConnection, scan_id: int) -> dict[str, np.ndarray] | None:
+    """The virtual images of a scan, stored once by its ingest (:mod:`polcore.virtual`).
+
+    Parameters
+    ----------
+    store : a PredictionStore (read-only is enough) or an open StoreConnection.
+    scan_id : the scan.
+
+    Returns
+    -------
+    dict or None
+        ``'bf'`` (virtual bright field), ``'adf'`` (annular dark field) [counts], ``'com_y'``, ``'com_x'``
+        (centre-of-mass shift [detector px], rows down / columns right, relative to the scan mean): each float32
+        (ny, nx). None when the scan has no images (unknown scan, a scan ingested before schema version 4, or
+        a version-3 store read as it is).
+    """
+    with _read_con(store) as con:
+        if not _has_table(con, "scan_images"):
+            return None
+        rows = con.fetchall("SELECT kind, ny, nx, data FROM scan_images WHERE scan_id = ?", [int(scan_id)])
+    got = {str(k): np.frombuffer(bytes(d), dtype="<f4").reshape(int(ny), int(nx)).astype(np.float32)
+           for k, ny, nx, d in rows}
+    if not got or any(k not in got for k in IMAGE_KINDS):
+        return None
+    return {k: got[k] for k in IMAGE_KINDS}
+
+
+def scan_images_info(store: PredictionStore | StoreConnection, scan_id: int) -> dict | None:
+    """The detectors behind :func:`scan_images` (``center_px`` (cy, cx), ``disc_radius_px``, ``adf_radii`` in
+    disc radii, ``sig_shape``; detector pixels of the geometry-corrected patterns), or None without images."""
+    with _read_con(store) as con:
+        if not _has_table(con, "scan_images"):
+            return None
+        raw = con.scalar("SELECT any_value(meta_json) FROM scan_images WHERE scan_id = ?", [int(scan_id)])
+    return None if raw is None else json.loads(raw)

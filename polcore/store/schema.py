@@ -44,6 +44,14 @@ Tables
     number of patterns ``n``; unique by ``(model_name, dataset)``.
 ``analysis_cache``
     ``key -> value_json`` for results that are slow to compute (periodicity, UMAP parameters, ...).
+``scan_images``
+    Virtual detector images of a scan, computed once in the ingest's pass over the file
+    (:mod:`polcore.virtual`) and written in its final transaction: one row per ``(scan_id, kind)`` with
+    ``kind`` one of :data:`IMAGE_KINDS` (``bf`` virtual bright field, ``adf`` annular dark field [counts];
+    ``com_y``, ``com_x`` centre-of-mass shift [detector px] relative to the scan mean), ``ny, nx`` the scan's
+    positions and ``data`` the image as little-endian float32 bytes in row-major order; ``meta_json`` the
+    detectors used (disc centre and radius, ADF radii). Added by version 4: a store of version 3 or older
+    has no such table until it is opened for writing (readers then find no images).
 
 ``id_counters(name, last_id)``
     The last identifier handed out per table. Identifiers are taken from it inside the write transaction:
@@ -62,16 +70,18 @@ __all__ = [
     "LAYERS",
     "SCAN_KINDS",
     "SCAN_STATUSES",
+    "IMAGE_KINDS",
     "RUN_STATUSES",
     "EMBEDDING_SPACES",
     "TABLES",
     "DDL",
 ]
 
-#: Version of the layout below; stored in ``schema_version``.
-SCHEMA_VERSION = 3
-#: Older versions this code still reads (read-only) and migrates in place when the store is opened for writing.
-LEGACY_VERSIONS: tuple[int, ...] = (2,)
+#: Version of the layout below; stored in ``schema_version``. Version 4 added ``scan_images``.
+SCHEMA_VERSION = 4
+#: Older versions this code still reads (read-only) and migrates in place when the store is opened for writing
+#: (version 3: the ``scan_images`` table is created; version 2: also the marker and the owner columns).
+LEGACY_VERSIONS: tuple[int, ...] = (2, 3)
 #: The ``polbench_store.marker`` value that identifies a polbench prediction store.
 STORE_MARKER = "polbench prediction store"
 #: Tables that a version-2 store (written before the marker existed) always has: together with
@@ -89,6 +99,8 @@ RUN_STATUSES: tuple[str, ...] = ("running", "finished")
 #: Valid ``runs.layer`` values: per probe position, or per projected unit cell (class log-probabilities of
 #: the cell's positions pooled, the cell's class written at each of its positions).
 LAYERS: tuple[str, ...] = ("pattern", "cell")
+#: Valid ``scan_images.kind`` values (:data:`polcore.virtual.IMAGE_KINDS`).
+IMAGE_KINDS: tuple[str, ...] = ("bf", "adf", "com_y", "com_x")
 #: Valid ``embeddings.space`` values.
 EMBEDDING_SPACES: tuple[str, ...] = ("input", "features")
 
@@ -106,6 +118,7 @@ TABLES: tuple[str, ...] = (
     "heldout",
     "analysis_cache",
     "id_counters",
+    "scan_images",
 )
 
 
@@ -247,5 +260,15 @@ DDL: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS id_counters (
         name VARCHAR PRIMARY KEY,
         last_id BIGINT NOT NULL
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS scan_images (
+        scan_id INTEGER NOT NULL,
+        kind VARCHAR NOT NULL CHECK (kind IN {_in(IMAGE_KINDS)}),
+        ny INTEGER NOT NULL CHECK (ny > 0),
+        nx INTEGER NOT NULL CHECK (nx > 0),
+        data BLOB NOT NULL,
+        meta_json VARCHAR,
+        created_at TIMESTAMP NOT NULL,
+        UNIQUE (scan_id, kind)
     )""",
 )

@@ -102,6 +102,7 @@ from polcore.store.schema import (
     ADDED_SCAN_COLUMNS,
     DDL,
     EMBEDDING_SPACES,
+    IMAGE_KINDS,
     LEGACY_TABLES,
     LEGACY_VERSIONS,
     SCAN_KINDS,
@@ -503,9 +504,14 @@ class PredictionStore:
         return int(last) - n + 1
 
     def counts(self) -> dict[str, int]:
-        """Number of rows of every table (a cheap summary for the CLI and tests)."""
+        """Number of rows of every table (a cheap summary for the CLI and tests); a table that an older store
+        read as it is lacks (``scan_images`` before version 4) counts 0."""
         with self.connect(read_only=True) as con:
-            return {t: int(con.scalar(f"SELECT count(*) FROM {t}")) for t in TABLES}
+            have = {r[0] for r in con.fetchall(
+                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                "AND schema_name = 'main'"
+            )}
+            return {t: int(con.scalar(f"SELECT count(*) FROM {t}")) if t in have else 0 for t in TABLES}
 
     # ------------------------------------------------------------------------------------- scans, models
 
@@ -985,6 +991,8 @@ class PredictionStore:
         owner: str | None = None,
         models: Sequence[Mapping[str, Any]] = (),
         before_commit: Callable[[dict[str, int], list[int]], None] | None = None,
+        images: Mapping[str, Any] | None = None,
+        images_meta: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Store several runs of one scan, the models they need and the scan's new status in ONE transaction.
 
@@ -1011,6 +1019,10 @@ class PredictionStore:
             ``before_commit(model_ids, run_ids)`` (model name -> id for ``models``; the run ids in order) is
             called inside the transaction after every row is written, just before ``COMMIT`` (an ingest
             moves its feature files into place there); an exception rolls everything back.
+        images : dict, optional
+            The scan's virtual images (:data:`~polcore.store.schema.IMAGE_KINDS` -> (ny, nx) arrays, from
+            :class:`polcore.virtual.VirtualImages`), written in the same transaction unless the scan has them
+            already (stored once per scan); ``images_meta`` describes the detectors (JSON-able).
 
         Returns
         -------
@@ -1036,6 +1048,7 @@ class PredictionStore:
             prep = self._prepare_run(r["predictions"], seconds=r["seconds"], device=r["device"],
                                      config=r.get("config"), layer=r.get("layer", "pattern"))
             prepared.append((r, prep))
+        blobs = None if images is None else self._image_blobs(images)
         with self.transaction() as con:
             if owner is not None:
                 row = con.fetchone("SELECT status, owner FROM scans WHERE scan_id = ?", [scan_id])
@@ -1058,11 +1071,66 @@ class PredictionStore:
                 )
                 if hit is None:
                     raise ValueError(f"unknown scan_id {scan_id}")
+            if blobs is not None:
+                self._insert_scan_images(con, scan_id, blobs, images_meta, replace=False)
             if before_commit is not None:
                 before_commit(model_ids, run_ids)
         log.info("stored %d run(s) of scan %d in one transaction%s", len(run_ids), scan_id,
                  f", status {set_status!r}" if set_status else "")
         return run_ids
+
+    @staticmethod
+    def _image_blobs(images: Mapping[str, Any]) -> dict[str, tuple[int, int, bytes]]:
+        """Validate the virtual images (outside any transaction): kind -> (ny, nx, float32 LE bytes)."""
+        if not isinstance(images, Mapping):
+            raise ValueError(f"images must be a dict of {IMAGE_KINDS} -> (ny, nx) arrays, got {type(images).__name__}")
+        missing = [k for k in IMAGE_KINDS if k not in images]
+        unknown = sorted(set(images) - set(IMAGE_KINDS))
+        if missing or unknown:
+            raise ValueError(f"images need exactly the kinds {IMAGE_KINDS}; missing {missing}, unknown {unknown}")
+        out, shape = {}, None
+        for k in IMAGE_KINDS:
+            a = np.asarray(images[k], dtype="<f4")
+            if a.ndim != 2 or min(a.shape) < 1:
+                raise ValueError(f"image {k!r} must be a 2-D (ny, nx) array, got shape {a.shape}")
+            if shape is not None and a.shape != shape:
+                raise ValueError(f"image {k!r} has shape {a.shape}, the others {shape}")
+            shape = a.shape
+            out[k] = (int(a.shape[0]), int(a.shape[1]), np.ascontiguousarray(a).tobytes())
+        return out
+
+    @staticmethod
+    def _insert_scan_images(con: StoreConnection, scan_id: int, blobs: dict[str, tuple[int, int, bytes]],
+                            meta: Mapping[str, Any] | None, *, replace: bool) -> bool:
+        """Write a scan's images inside a transaction (checked against the scan's shape); False when the scan
+        had them and ``replace`` is off."""
+        dims = con.fetchone("SELECT ny, nx FROM scans WHERE scan_id = ?", [scan_id])
+        if dims is None:
+            raise ValueError(f"unknown scan_id {scan_id}: add the scan first (add_scan)")
+        shape = next(iter(blobs.values()))[:2]
+        if tuple(shape) != tuple(dims):
+            raise ValueError(f"images of shape {shape} do not match scan {scan_id}'s {dims[0]}x{dims[1]} positions")
+        if con.scalar("SELECT count(*) FROM scan_images WHERE scan_id = ?", [scan_id]):
+            if not replace:
+                return False
+            con.execute("DELETE FROM scan_images WHERE scan_id = ?", [scan_id])
+        now, meta_json = _now(), _to_json(dict(meta) if meta else None)
+        for kind, (ny, nx, data) in blobs.items():
+            con.execute(
+                "INSERT INTO scan_images (scan_id, kind, ny, nx, data, meta_json, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [scan_id, kind, ny, nx, data, meta_json, now],
+            )
+        return True
+
+    def write_scan_images(self, scan_id: int, images: Mapping[str, Any], meta: Mapping[str, Any] | None = None,
+                          *, replace: bool = False) -> bool:
+        """Store a scan's virtual images (one transaction); an ingest writes them with its runs instead
+        (:meth:`write_runs`). Returns False when the scan has images and ``replace`` is off (kept)."""
+        self._require_writable()
+        blobs = self._image_blobs(images)
+        with self.transaction() as con:
+            return self._insert_scan_images(con, int(scan_id), blobs, meta, replace=replace)
 
     @staticmethod
     def _prepare_run(predictions, *, seconds: float, device: str, config, layer: str) -> dict[str, Any]:
@@ -1155,7 +1223,8 @@ class PredictionStore:
             return self._delete_runs(con, f"run_id IN ({', '.join('?' * len(ids))})", ids)
 
     def delete_scan(self, scan_id: int) -> dict[str, int]:
-        """Remove a scan with its runs, predictions, embeddings and domain-gap rows (one transaction).
+        """Remove a scan with its runs, predictions, embeddings, domain-gap rows and virtual images (one
+        transaction).
 
         Returns
         -------
@@ -1181,6 +1250,7 @@ class PredictionStore:
             "runs": con.scalar("DELETE FROM runs WHERE scan_id = ?", [scan_id]),
             "embeddings": con.scalar("DELETE FROM embeddings WHERE scan_id = ?", [scan_id]),
             "domain_gap": con.scalar("DELETE FROM domain_gap WHERE scan_a = ? OR scan_b = ?", [scan_id, scan_id]),
+            "scan_images": con.scalar("DELETE FROM scan_images WHERE scan_id = ?", [scan_id]),
             "scans": con.scalar("DELETE FROM scans WHERE scan_id = ?", [scan_id]),
         }
         return {k: int(v or 0) for k, v in out.items()}
