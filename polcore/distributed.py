@@ -278,22 +278,6 @@ def row_blocks(ny: int, nx: int, block_patterns: int = BLOCK_PATTERNS) -> list[t
     return [(y, min(y + rows, ny)) for y in range(0, ny, rows)]
 
 
-def _groups(models) -> tuple[list, list[int]]:
-    """Unfitted preprocessors shared by models whose preprocessing settings agree, and each model's group (as
-    the whole-scan pass groups them)."""
-    from polcore.infer import make_preprocessor
-
-    pres, keys, index = [], [], []
-    for model in models:
-        pre = make_preprocessor(model)
-        key = pre.settings_key()
-        if key not in keys:
-            keys.append(key)
-            pres.append(pre)
-        index.append(keys.index(key))
-    return pres, index
-
-
 def fit_pass(scan, models, *, batch_size: int = 256, fit_patterns: int = FIT_PATTERNS,
              geometry_overrides: dict | None = None, refine: bool = True) -> dict:
     """What the whole-scan pass fits on the first patterns, without predicting anything.
@@ -315,7 +299,9 @@ def fit_pass(scan, models, *, batch_size: int = 256, fit_patterns: int = FIT_PAT
     from polcore.preprocess import _repair, find_hot_pixels
 
     ny, nx = scan.nav_shape
-    pres, group_of = _groups(models)
+    from polcore.infer import _groups
+
+    pres, group_of = _groups(models, None)
     pending, n = [], 0
     gen = scan.iter_batches(batch_size)
     try:

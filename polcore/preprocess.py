@@ -31,6 +31,7 @@ __all__ = [
     "disc_mask",
     "Preprocessor",
     "minmax",
+    "centre_of_mass",
     "com_magnitude",
     "com_filter_mask",
     "Augmenter",
@@ -483,17 +484,17 @@ class Preprocessor:
 
 
 # --------------------------------------------------------------------------- CoM filter
-def com_magnitude(patterns, center=None) -> np.ndarray:
-    """Magnitude [px] of each pattern's centre-of-mass shift from the disc centre.
+def centre_of_mass(patterns, center=None) -> np.ndarray:
+    """Centre-of-mass shift of each pattern from ``center`` [px], as (dy, dx) with y down (rows), x right.
 
     Parameters
     ----------
-    patterns : (n, ky, kx) non-negative intensities (raw or min-max normalised).
+    patterns : (n, ky, kx) or (ky, kx) non-negative intensities (raw or min-max normalised).
     center : (cy, cx) [px]; default the optical axis of a model input, ``(ky // 2, kx // 2)``.
 
     Returns
     -------
-    float64 (n,).
+    float64 (n, 2): ``[:, 0]`` rows (down), ``[:, 1]`` columns (right); 0 for an empty pattern.
     """
     x = np.asarray(patterns)
     if x.ndim == 2:
@@ -505,10 +506,18 @@ def com_magnitude(patterns, center=None) -> np.ndarray:
     rows = x.sum(axis=2, dtype=np.float64)  # float64 sums without a float64 copy of the patterns
     cols = x.sum(axis=1, dtype=np.float64)
     tot = rows.sum(axis=1)
-    tot = np.where(np.abs(tot) < _EPS, np.nan, tot)
-    my = (rows @ np.arange(ky)) / tot
-    mx = (cols @ np.arange(kx)) / tot
-    return np.nan_to_num(np.hypot(my - cy, mx - cx), nan=0.0)
+    ok = np.abs(tot) > _EPS
+    safe = np.where(ok, tot, 1.0)
+    out = np.stack([(rows @ np.arange(ky)) / safe - cy, (cols @ np.arange(kx)) / safe - cx], axis=1)
+    out[~ok] = 0.0
+    return out
+
+
+def com_magnitude(patterns, center=None) -> np.ndarray:
+    """Magnitude [px] of each pattern's centre-of-mass shift from the disc centre (:func:`centre_of_mass`);
+    float64 (n,)."""
+    c = centre_of_mass(patterns, center)
+    return np.hypot(c[:, 0], c[:, 1])
 
 
 def com_filter_mask(com) -> np.ndarray:

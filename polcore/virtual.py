@@ -26,6 +26,8 @@ import math
 
 import numpy as np
 
+from polcore.preprocess import centre_of_mass  # noqa: F401 - part of this module's interface
+
 __all__ = ["IMAGE_KINDS", "VirtualImages", "centre_of_mass", "detector_masks", "stitch_rows"]
 
 log = logging.getLogger(__name__)
@@ -33,35 +35,6 @@ log = logging.getLogger(__name__)
 #: The images stored per scan, in this order.
 IMAGE_KINDS: tuple[str, ...] = ("bf", "adf", "com_y", "com_x")
 _EPS = 1e-12
-
-
-def centre_of_mass(patterns, center=None) -> np.ndarray:
-    """Centre-of-mass shift of each pattern from ``center`` [px], as (dy, dx) with y down (rows), x right.
-
-    Parameters
-    ----------
-    patterns : (n, ky, kx) or (ky, kx) non-negative intensities.
-    center : (cy, cx) [px]; default ``(ky // 2, kx // 2)`` (the optical axis of a model input).
-
-    Returns
-    -------
-    float64 (n, 2): ``[:, 0]`` rows (down), ``[:, 1]`` columns (right); 0 for an empty pattern.
-    """
-    x = np.asarray(patterns, dtype=np.float64)
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"patterns must be (n, ky, kx), got shape {x.shape}")
-    _, ky, kx = x.shape
-    cy, cx = (ky // 2, kx // 2) if center is None else (float(center[0]), float(center[1]))
-    tot = x.sum(axis=(1, 2))
-    ok = np.abs(tot) > _EPS
-    safe = np.where(ok, tot, 1.0)
-    my = (x.sum(axis=2) @ np.arange(ky)) / safe - cy
-    mx = (x.sum(axis=1) @ np.arange(kx)) / safe - cx
-    out = np.stack([my, mx], axis=1)
-    out[~ok] = 0.0
-    return out
 
 
 def detector_masks(sig_shape, center, radius: float, adf: tuple[float, float] = (1.2, 3.0),
