@@ -232,6 +232,8 @@ def _geometry_section(path: Path) -> dict:
     c[0].metric("Rotation", f"{est['rotation_deg']:.1f}\u00b0", help="detector-to-scan, counter-clockwise on screen "
                 "(py4DSTEM QR_rotation_degrees)")
     rot_used = "applied" if app["rotation_deg"] == est["rotation_deg"] else "NOT applied: 0\u00b0 used"
+    if rot_used == "applied" and (app.get("sources") or {}).get("rotation_deg") == "estimated":
+        rot_used += " (the run refines it within \u00b12\u00b0 with the first model)"
     c[0].caption(f"{_tag(est, 'rotation_deg')}; {rot_used}")
     c[1].metric("Flip", "flip" if est["flip"] else "no flip", help="transpose of the detector axes (QR_flip)")
     c[1].caption(f"{_tag(est, 'flip')}; {'applied' if app['flip'] == est['flip'] else 'NOT applied'}")

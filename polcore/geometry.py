@@ -97,6 +97,9 @@ flips, +-3 px descan ramp, Poisson noise; 40 runs per row)
 * 20 nm (10 runs per dose): flip right 20/20; modulo 180 deg the error has a systematic part of about -1 deg
   (median 1.1, max 2.05 / 2.28 deg); the dark-field rule is near zero (``|r|`` about 0.05) and its sign was
   wrong in 8/10 runs per dose, every one flagged 'low' (no 'high' answer was wrong).
+* With ``--refine-model`` (the shipped CNN; :mod:`polcore.refine`, which the ingest applies to a trusted estimate):
+  |error| mod 180 deg max 0.67 deg at 10 nm and 0.92 deg at 20 nm (10 runs each, 2e4 e-); the model's entropy
+  180 deg away differs by at most 0.027 nats: the half-turn is not in the patterns themselves.
 * The estimator is exact on an analytic gradient field (errors below 0.001 deg for any angle and flip): the
   residual error on composed scans is that of the CoM field of a thick, tilted crystal, not of the method.
 * :func:`apply_geometry`: about 3,000 patterns/s for 64 x 64 patterns in batches of 256 on one core of this
