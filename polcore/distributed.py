@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import threading
@@ -503,20 +502,10 @@ def build_draws_distributed(executor, cfg="train", out_dir=None, *, limit: int |
     from concurrent.futures import as_completed
 
     from polcore.progress import report
-    from polcore.simulate.draws import DRAW_PROFILES, _claim, _draw_path, _write_draw, default_draws_dir
+    from polcore.simulate.draws import _claim, _draw_path, _write_draw, prepare_draws_dir
 
-    if isinstance(cfg, str):
-        if cfg not in DRAW_PROFILES:
-            raise ValueError(f"unknown draw profile {cfg!r}; valid: {', '.join(DRAW_PROFILES)}")
-        cfg = DRAW_PROFILES[cfg]
     progress = report(progress)
-    out_dir = Path(out_dir) if out_dir is not None else default_draws_dir(cfg.profile)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recipe_file = out_dir / "recipe.json"
-    if recipe_file.exists() and json.loads(recipe_file.read_text()) != json.loads(cfg.to_json()):
-        raise ValueError(f"{out_dir} holds draws of another recipe; use another folder or delete it")
-    if not recipe_file.exists():
-        recipe_file.write_text(cfg.to_json())
+    cfg, out_dir = prepare_draws_dir(cfg, out_dir)
     jobs = cfg.jobs()
     futures: dict = {}
     made: list[Path] = []

@@ -31,6 +31,7 @@ __all__ = [
     "disc_mask",
     "Preprocessor",
     "minmax",
+    "as_patterns",
     "centre_of_mass",
     "com_magnitude",
     "com_filter_mask",
@@ -484,6 +485,18 @@ class Preprocessor:
 
 
 # --------------------------------------------------------------------------- CoM filter
+def as_patterns(X) -> np.ndarray:
+    """Model input as float32 (n, K, K): accepts (K, K), (n, K, K) and (n, 1, K, K); anything else raises."""
+    x = np.asarray(X, dtype=np.float32)
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"X must be preprocessed patterns (n, K, K), got shape {x.shape}")
+    return x
+
+
 def centre_of_mass(patterns, center=None) -> np.ndarray:
     """Centre-of-mass shift of each pattern from ``center`` [px], as (dy, dx) with y down (rows), x right.
 

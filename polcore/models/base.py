@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from polcore.models.heads import ProtoHead, class_prototypes
+from polcore.preprocess import as_patterns
 from polcore.types import N_CLASSES
 
 __all__ = ["InputNorm", "Net", "TorchModel", "default_device", "load_weights_file", "BACKENDS",
@@ -208,15 +209,7 @@ class _ChannelsLastFeatures:
         return self.module(t).contiguous()
 
 
-def _as_input(X) -> np.ndarray:
-    x = np.asarray(X, dtype=np.float32)
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"X must be preprocessed patterns (n, K, K), got shape {x.shape}")
-    return x
+_as_input = as_patterns
 
 
 class TorchModel:

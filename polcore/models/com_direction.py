@@ -41,6 +41,7 @@ import math
 
 import numpy as np
 
+from polcore.preprocess import as_patterns
 from polcore.types import N_CLASSES, class_to_angle
 
 __all__ = ["ComDirectionModel", "HEADS", "DEFAULT_KAPPA", "NAME", "class_directions", "make_checkpoint"]
@@ -58,17 +59,6 @@ def class_directions() -> np.ndarray:
     """(8, 2) unit vectors of the classes in pixel coordinates (row down, column right)."""
     a = np.deg2rad(class_to_angle(np.arange(N_CLASSES)))
     return np.stack([-np.sin(a), np.cos(a)], axis=1)
-
-
-def _patterns(X) -> np.ndarray:
-    x = np.asarray(X, dtype=np.float32)
-    if x.ndim == 4 and x.shape[1] == 1:
-        x = x[:, 0]
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"X must be preprocessed patterns (n, K, K), got shape {x.shape}")
-    return x
 
 
 class ComDirectionModel:
@@ -121,7 +111,7 @@ class ComDirectionModel:
         """(n, 2) float64 CoM shift [px] from the input's optical axis, (row down, column right)."""
         from polcore.virtual import centre_of_mass
 
-        x = _patterns(X)
+        x = as_patterns(X)
         k = x.shape[-1]
         return centre_of_mass(x, (k // 2, k // 2))
 
@@ -148,7 +138,7 @@ class ComDirectionModel:
 
     def infer(self, X, batch_size: int | None = None):
         """(pred (n,), proba (n, 8), embedding (n, 2)) like ``TorchModel.infer``."""
-        x = _patterns(X)
+        x = as_patterns(X)
         k = x.shape[-1]
         from polcore.virtual import centre_of_mass
 

@@ -234,6 +234,23 @@ def _write_draw(path: Path, patterns: np.ndarray, cfg: DrawConfig, nuisance: dic
     os.replace(tmp, path)
 
 
+def prepare_draws_dir(cfg, out_dir=None):
+    """``(DrawConfig, folder)`` of a build: the profile resolved, the folder made, its recipe written or checked
+    (a folder of another recipe is refused). Shared by the single-process and the Dask builds."""
+    if isinstance(cfg, str):
+        if cfg not in DRAW_PROFILES:
+            raise ValueError(f"unknown draw profile {cfg!r}; valid: {', '.join(DRAW_PROFILES)}")
+        cfg = DRAW_PROFILES[cfg]
+    out_dir = Path(out_dir) if out_dir is not None else default_draws_dir(cfg.profile)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file = out_dir / "recipe.json"
+    if recipe_file.exists() and json.loads(recipe_file.read_text()) != json.loads(cfg.to_json()):
+        raise ValueError(f"{out_dir} holds draws of another recipe; use another folder or delete it")
+    if not recipe_file.exists():
+        recipe_file.write_text(cfg.to_json())
+    return cfg, out_dir
+
+
 def build_draws(cfg: DrawConfig | str = "train", out_dir=None, *, limit: int | None = None,
                 progress=None) -> list[Path]:
     """Simulate the draws of ``cfg`` that are not on disk yet (resumable, several processes may share it).
@@ -249,17 +266,7 @@ def build_draws(cfg: DrawConfig | str = "train", out_dir=None, *, limit: int | N
     -------
     Paths of the draws this call simulated.
     """
-    if isinstance(cfg, str):
-        if cfg not in DRAW_PROFILES:
-            raise ValueError(f"unknown draw profile {cfg!r}; valid: {', '.join(DRAW_PROFILES)}")
-        cfg = DRAW_PROFILES[cfg]
-    out_dir = Path(out_dir) if out_dir is not None else default_draws_dir(cfg.profile)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recipe_file = out_dir / "recipe.json"
-    if recipe_file.exists() and json.loads(recipe_file.read_text()) != json.loads(cfg.to_json()):
-        raise ValueError(f"{out_dir} holds draws of another recipe; use another folder or delete it")
-    if not recipe_file.exists():
-        recipe_file.write_text(cfg.to_json())
+    cfg, out_dir = prepare_draws_dir(cfg, out_dir)
     jobs = cfg.jobs()
     made: list[Path] = []
     t0 = time.perf_counter()
