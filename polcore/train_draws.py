@@ -176,6 +176,58 @@ def _parent_model(cfg, out_dir: Path):
                    "train_config": model.meta.get("train_config")}
 
 
+def _complement_bands(experts) -> list[tuple[float, float]]:
+    """The thickness intervals [nm] outside every expert band (read by the general network)."""
+    edges, lo = [], 0.0
+    for _, a, b, _ in sorted(experts, key=lambda e: e[1]):
+        if a < lo - 1e-9:
+            raise ValueError(f"expert bands overlap: {experts}")
+        if a > lo:
+            edges.append((lo, a))
+        lo = b
+    edges.append((lo, 1e6))
+    return edges
+
+
+def _thickness_experts(cfg, lib, out_dir: Path, aug, progress=None):
+    """The :class:`~polcore.models.experts.ThicknessExperts` composite of ``cfg.init_from`` (general) and the
+    ``cfg.experts`` runs, its gate fitted on ``cfg.n_fit_patterns`` augmented training patterns (every thickness
+    equally often). Returns (model, parent info, per-thickness gate accuracy on the 'val' draws)."""
+    from types import SimpleNamespace
+
+    from polcore.models.experts import ThicknessExperts, band_of, fit_gate, gate_features
+
+    general, parent = _parent_model(cfg, out_dir)
+    members, infos, bands = {"general": general}, {"general": parent}, []
+    for i, (name, lo, hi, run) in enumerate(cfg.experts):
+        probe = SimpleNamespace(init_from=run, family=cfg.family, head=cfg.head, arch=cfg.arch, name=cfg.name)
+        key = f"expert{i}"
+        members[key], infos[key] = _parent_model(probe, out_dir)
+        bands.append(dict(name=name, lo_nm=lo, hi_nm=hi, member=key))
+    for lo, hi in _complement_bands(cfg.experts):
+        bands.append(dict(name=f"{lo:g}-{hi:g} nm" if hi < 1e6 else f">= {lo:g} nm", lo_nm=lo, hi_nm=hi,
+                          member="general"))
+    ts = [float(t) for t in lib.thickness_nm["train"]]
+    per_t = max(cfg.batch_size, int(cfg.n_fit_patterns) // len(ts))
+    embs, labels = [], []
+    for i, t in enumerate(ts):
+        if progress is not None:
+            progress(0.1 + 0.6 * i / len(ts), f"{cfg.name}: gate patterns at {t:g} nm")
+        sampler = DrawSampler(lib, ("train",), (t,), aug, cfg.batch_size, cfg.seed + 31 + i)
+        X = np.concatenate([sampler(k)[0] for k in range(-(-per_t // cfg.batch_size))])[:per_t]
+        embs.append(gate_features(X, general.embed(X)))
+        labels.append(np.full(len(X), band_of(t, bands)[0]))
+    gate = fit_gate(np.concatenate(embs), np.concatenate(labels), len(bands), seed=cfg.seed)
+    model = ThicknessExperts(members, bands, gate)
+    model.member_info = {k: v for k, v in infos.items() if k != "general"}
+    gate_val = {}
+    for t in lib.thickness_nm["val"]:
+        Xv, _ = validation_set(lib, [float(t)], dose=cfg.eval_dose or 2e4, seed=cfg.seed, max_patterns=2048)
+        gate_val[f"{float(t):g}"] = float(np.mean(model.thickness_band(Xv) == band_of(float(t), bands)[0]))
+    log.info("%s: thickness gate accuracy on the val draws by thickness: %s", cfg.name, gate_val)
+    return model, parent, gate_val
+
+
 def train_on_draws(cfg, lib, *, out_dir, progress=None):
     """Train ``cfg`` (``data='draws'``) on a ``DrawLibrary``, evaluate on held-out draws, save the checkpoint.
 
@@ -233,6 +285,9 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
         y = np.concatenate([p[1] for p in parts])
         model.fit(X, y, Xv, yv, progress=scaled(progress, 0.05, 0.8))
         steps_run = n_b
+    elif cfg.experts:
+        model, parent, gate_val = _thickness_experts(cfg, lib, Path(out_dir), aug, progress)
+        steps_run = 0
     else:
         if cfg.init_from:
             model, parent = _parent_model(cfg, Path(out_dir))
@@ -285,6 +340,11 @@ def train_on_draws(cfg, lib, *, out_dir, progress=None):
     }
     if parent is not None:
         meta["init_from"] = parent
+    if cfg.experts:
+        meta["members"] = {k: {"model_cfg": m.cfg, **({"run": model.member_info[k]} if k in model.member_info else {})}
+                           for k, m in model.members.items()}
+        meta["composite"] = model.meta["composite"]
+        meta["gate_val"] = gate_val
     path = checkpoint_path(cfg, Path(out_dir))
     result.checkpoint = str(path)
     meta["train_result"] = result.to_dict()

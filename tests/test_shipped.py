@@ -35,11 +35,20 @@ def shipped():
 
 
 def test_default_profile_is_the_shipped_models_of_the_cpu_profile():
-    """`train --profile default` selects the shipped models' configurations from the cpu profile, unchanged."""
-    cpu = {c.name: c for c in profile_configs("cpu")}
+    """`train --profile default` selects the shipped models' configurations from the cpu profile, unchanged, with
+    the runs they are fine-tuned from or built of, each after the runs it needs."""
+    from polcore.train import run_sources
+
+    cpu_list = profile_configs("cpu")
+    cpu = {c.name: c for c in cpu_list}
     default = profile_configs("default")
-    assert [c.name for c in default] == list(SHIPPED_MODELS)
+    names = [c.name for c in default]
+    assert set(SHIPPED_MODELS) <= set(names)
     assert all(c == cpu[c.name] for c in default)
+    for i, c in enumerate(default):
+        assert all(src in names[:i] for src in run_sources(c)), (c.name, run_sources(c))
+    extra = set(names) - set(SHIPPED_MODELS)  # only sources of a shipped model, never a model of its own
+    assert all(any(n in run_sources(c) for c in default) for n in extra), extra
     assert {c.family for c in default} == {"custom_cnn", "pca_knn"}
     assert all(c.seed == 888 and c.data == "draws" for c in default)
 
@@ -56,7 +65,12 @@ def _check_provenance(p, meta: dict, recipe: dict) -> None:
     assert meta["library_kind"] == "draws" and re.fullmatch(r"[0-9a-f]{64}", meta["library_sha256"]), p.name
     assert meta["library_recipe"] == recipe, p.name
     assert meta["heldout"] and {"torch", "numpy", "polcore"} <= set(meta["versions"]), p.name
-    assert meta["steps_run"] >= 1 and meta["train_seconds"] > 0, p.name
+    if meta.get("composite"):  # built from trained runs, each named with its checkpoint's sha256
+        runs = [m["run"] for k, m in meta["members"].items() if k != "general"] + [meta["init_from"]]
+        assert all(re.fullmatch(r"[0-9a-f]{64}", r["sha256"]) for r in runs), p.name
+        assert meta["gate_val"], p.name
+    else:
+        assert meta["steps_run"] >= 1 and meta["train_seconds"] > 0, p.name
 
 
 @pytest.mark.parametrize("profile", ["default", "cpu"])

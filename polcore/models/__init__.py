@@ -8,6 +8,10 @@
 their metadata: torch files of plain tensors plus a JSON string (``torch.load(weights_only=True)``), or ``.npz``
 arrays for ``pca_knn`` (``np.load(allow_pickle=False)``); a ``.json`` sidecar sits next to every checkpoint.
 
+A torch checkpoint may also hold a composite, :class:`polcore.models.experts.ThicknessExperts` (a general
+network and thickness experts mixed by a per-pattern thickness gate; ``meta["composite"]``), which
+``load_checkpoint`` rebuilds; it has the same ``infer`` / ``predict_proba`` / ``embed`` contract.
+
 Torch and scikit-learn are imported only when a model is built or loaded.
 """
 
@@ -271,9 +275,16 @@ def load_checkpoint(path, device: str | None = None):
         if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not a polbench model checkpoint (expected format {CHECKPOINT_FORMAT})")
         meta = json.loads(obj["meta_json"])
-        model = build_model(meta["family"], meta["head"], **meta["model_cfg"], device=device)
-        model.load_state_dict(obj["state_dict"], strict=True)
-        model.net.eval()
+        if meta.get("composite") is not None:
+            from polcore.models.experts import COMPOSITE, ThicknessExperts
+
+            if meta["composite"] != COMPOSITE:
+                raise ValueError(f"{path}: unknown composite model {meta['composite']!r}")
+            model = ThicknessExperts.from_state(obj["state_dict"], meta, device=device)
+        else:
+            model = build_model(meta["family"], meta["head"], **meta["model_cfg"], device=device)
+            model.load_state_dict(obj["state_dict"], strict=True)
+            model.net.eval()
         model.history_ = meta.get("history", [])
         model.best_epoch_ = meta.get("best_epoch")
     model.meta = meta
