@@ -320,6 +320,10 @@ def print_table(res: dict) -> None:
           "channels_last / onnxruntime: model.infer with that backend; model: the route predict_scan uses, backend "
           "'auto' -> " + ", ".join(f"{r['model']}: {r['active_backend']}" for r in rows if "flops_per_pattern" in r)
           + "; * = the default recommended model, shipped)")
+    for r in rows:
+        if str(r.get("active_backend", "")).startswith("knn:"):
+            print(f"{r['model']}: predict_scan / raw read {r['project_pps'] / r['read_pps']:.2f}; neighbour search "
+                  f"{r['active_backend']} (PCAKNNModel.knn_route 'auto')")
     if any("baseline" in r for r in rows):
         print("\nagainst the baseline revision: the same row measured by it right after (same scan, same run):")
         print(f"{'model':20s} {'predict_scan now':>16s} {'then':>7s} {'ratio':>6s} {'model now':>10s} {'then':>7s} "

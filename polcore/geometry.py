@@ -524,15 +524,21 @@ def _disc_chunk(x: np.ndarray, radius, smooth_px: float, n_rays: int):
         return np.stack([nan, nan], 1), nan, nan, np.zeros(n, int), np.zeros(n, bool), R
     cy0 = np.where(ok0, cy0, ky // 2)
     cx0 = np.where(ok0, cx0, kx // 2)
-    S = _flatten_tilt(S, cy0, cx0, R)
     dr = max(0.5, 0.8 * R / 64)
     rr = np.arange(0.6 * R, 1.4 * R + dr / 2, dr)
+    # only the detector box the rays read (every pattern's rays, +2 px for the bilinear taps) is flattened and
+    # sampled: the plane's moments come from inside 0.85 R, and a ray beyond the box is beyond the detector
+    # there (the box is clipped to it), so 'nearest' clamps at the same pixels; the same profiles
+    reach = rr[-1] + 2.0
+    r0, r1 = max(int(math.floor(cy0.min() - reach)), 0), min(int(math.ceil(cy0.max() + reach)) + 1, ky)
+    c0, c1 = max(int(math.floor(cx0.min() - reach)), 0), min(int(math.ceil(cx0.max() + reach)) + 1, kx)
+    S = _flatten_tilt(S[:, r0:r1, c0:c1], cy0 - r0, cx0 - c0, R)
     phi = np.arange(n_rays) * (2 * np.pi / n_rays)
     sy, cxr = -np.sin(phi), np.cos(phi)  # ray directions on screen: (row, col) = (-sin, cos)
     yy = cy0[:, None, None] + rr[None, None, :] * sy[None, :, None]
     xx = cx0[:, None, None] + rr[None, None, :] * cxr[None, :, None]
     ii = np.broadcast_to(np.arange(n, dtype=np.float64)[:, None, None], yy.shape)
-    prof = ndimage.map_coordinates(S, [ii, yy, xx], order=1, mode="nearest")
+    prof = ndimage.map_coordinates(S, [ii, yy - r0, xx - c0], order=1, mode="nearest")
     # the edge: where the profile crosses half-way between its mean level just inside and just outside
     w_in = max(1.5, 0.2 * R)
     inside = (rr >= R - 1.6 * w_in) & (rr <= R - 0.5 * w_in)

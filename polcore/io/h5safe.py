@@ -33,6 +33,11 @@ Three checks, used by every HDF5 reader (:mod:`polcore.io.hdf5`, :mod:`polcore.i
     stream must not inflate beyond the chunk size (HDF5's deflate filter grows its buffer until the stream
     ends: a 400 kB chunk would otherwise become 400 MB), and the size headers of bitshuffle / LZ4 / Blosc /
     Zstandard chunks (which those filters allocate blindly) must not exceed it.
+
+    For deflate chunks (alone or after shuffle, the composer's and h5py's ``compression="gzip"``), the check
+    *is* the read: :meth:`ChunkGuard.read` inflates each chunk once, bounded, and hands out its bytes, instead
+    of checking the stream and then letting HDF5 inflate it a second time (``benchmarks/infer_bench.py
+    --baseline REV``: the "read now / then" columns).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ __all__ = [
     "foreign_storage",
     "check_storage",
     "ChunkGuard",
+    "DecodedChunks",
     "small_attrs",
     "small_attr",
     "resolve",
@@ -379,6 +385,64 @@ class ChunkGuard:
         self.chunk_bytes = chunk_bytes
         self.seen = np.zeros(math.prod(grid), dtype=bool)
         self.active = any(c in (1, 32001, 32004, 32008, 32015) for c in self.codes)
+        #: chunks :meth:`read` decodes itself: deflate alone or shuffle then deflate
+        self.direct = self.codes in ([1], [2, 1])
+        self.dtype = ds.dtype
+
+    def read(self, dsid, start, stop, cache: DecodedChunks | None = None) -> np.ndarray | None:
+        """The box ``start`` (inclusive) .. ``stop`` (exclusive) of the dataset, every chunk inflated once here
+        (bounded, as :meth:`check` does) and never again by HDF5; None when this dataset's filters are not ones
+        it decodes (deflate alone or shuffle then deflate) or a chunk was stored without them: then read
+        through h5py after :meth:`check`. ``cache`` (one per pass over the file) keeps the latest decoded chunks
+        for the next call, so a chunk that spans two batches is inflated once."""
+        if not self.direct:
+            return None
+        start = tuple(int(v) for v in start)
+        stop = tuple(int(v) for v in stop)
+        out = np.empty(tuple(b - a for a, b in zip(start, stop)), self.dtype)
+        if out.size == 0:
+            return out
+        ranges = [range(lo // c, (hi - 1) // c + 1) for lo, hi, c in zip(start, stop, self.chunks)]
+        for idx in np.ndindex(*(len(r) for r in ranges)):
+            cidx = tuple(r[i] for r, i in zip(ranges, idx))
+            origin = tuple(i * c for i, c in zip(cidx, self.chunks))
+            flat = int(np.ravel_multi_index(cidx, self.grid))
+            chunk = None if cache is None else cache.get(flat)
+            if chunk is None:
+                chunk = self._decode(dsid, origin)
+                if chunk is None:
+                    return None
+                self.seen[flat] = True
+                if cache is not None:
+                    cache.put(flat, chunk)
+            src = tuple(slice(max(a, o) - o, min(b, o + c) - o) for a, b, o, c in zip(start, stop, origin, self.chunks))
+            dst = tuple(slice(max(a, o) - a, min(b, o + c) - a) for a, b, o, c in zip(start, stop, origin, self.chunks))
+            out[dst] = chunk[src]
+        return out
+
+    def _decode(self, dsid, origin) -> np.ndarray | None:
+        """One chunk inflated (at most its size, a longer stream is refused), unshuffled, as an array."""
+        try:
+            mask, raw = dsid.read_direct_chunk(origin)
+        except Exception as exc:  # noqa: BLE001 - missing / unreadable chunk
+            self._fail(origin, f"unreadable ({type(exc).__name__}: {exc})")
+        if mask:  # a filter was skipped for this chunk (stored raw): let HDF5 read it, after the check
+            return None
+        d = zlib.decompressobj()
+        try:
+            data = d.decompress(raw, self.bound)
+        except zlib.error as exc:
+            self._fail(origin, f"corrupt deflate stream ({exc})")
+        if d.unconsumed_tail:
+            self._fail(origin, f"deflate stream inflates beyond the chunk size of {fmt_bytes(self.chunk_bytes)} "
+                               "(a decompression bomb)")
+        if len(data) != self.chunk_bytes:
+            self._fail(origin, f"deflate stream inflates to {len(data)} bytes, not the chunk size of "
+                               f"{self.chunk_bytes} bytes: corrupt chunk")
+        a = np.frombuffer(data, np.uint8)
+        if self.codes[0] == 2:  # shuffle: byte k of every element stored together, k = 0 .. itemsize-1
+            a = a.reshape(self.dtype.itemsize, -1).T
+        return np.ascontiguousarray(a).view(self.dtype).reshape(self.chunks)
 
     def reset(self) -> None:
         self.seen[:] = False
@@ -435,6 +499,26 @@ class ChunkGuard:
         if size is not None and size > self.bound:
             self._fail(origin, f"its header announces {fmt_bytes(size)} uncompressed, more than the chunk size "
                                f"of {fmt_bytes(self.chunk_bytes)} (a decompression bomb)")
+
+
+class DecodedChunks:
+    """The latest chunks :meth:`ChunkGuard.read` decoded in one pass over a file, up to ``max_bytes``."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._chunks: dict[int, np.ndarray] = {}
+        self._bytes = 0
+
+    def get(self, key: int) -> np.ndarray | None:
+        return self._chunks.get(key)
+
+    def put(self, key: int, chunk: np.ndarray) -> None:
+        if chunk.nbytes > self.max_bytes:
+            return
+        self._chunks[key] = chunk
+        self._bytes += chunk.nbytes
+        while self._bytes > self.max_bytes:
+            self._bytes -= self._chunks.pop(next(iter(self._chunks))).nbytes
 
 
 def _zstd_content_size(raw: bytes) -> int | None:

@@ -45,7 +45,7 @@ from polcore.io.calibration import as_kv, length_to_nm, reciprocal_to_mrad
 from polcore.io.errors import ScanFormatError
 from polcore.io.files import check_regular_file
 from polcore.io.ground_truth import GROUP as _GROUND_TRUTH
-from polcore.io.h5safe import audit_file, check_storage, resolve, small_attr, small_attrs
+from polcore.io.h5safe import DecodedChunks, audit_file, check_storage, resolve, small_attr, small_attrs
 from polcore.io.limits import (
     MAX_ATTRS_READ,
     MAX_CHUNK_BYTES,
@@ -566,11 +566,15 @@ class HDF5Scan(Scan):
             guard = self._guard
             if guard is not None:
                 guard.reset()
+            decoded = DecodedChunks(cache)  # chunks decoded once by the guard (deflate), kept like HDF5's cache
             ky, kx = self.sig_shape
             if self._flat:
 
                 def frames(a, b):
                     if guard is not None:
+                        out = guard.read(ds.id, (a, 0, 0), (b, ky, kx), decoded)
+                        if out is not None:
+                            return out
                         guard.check(ds.id, (a, 0, 0), (b, ky, kx))
                     return ds[a:b]
 
@@ -579,6 +583,9 @@ class HDF5Scan(Scan):
 
                 def read_block(y0, y1, x0, x1):
                     if guard is not None:
+                        out = guard.read(ds.id, (y0, x0, 0, 0), (y1, x1, ky, kx), decoded)
+                        if out is not None:
+                            return out
                         guard.check(ds.id, (y0, x0, 0, 0), (y1, x1, ky, kx))
                     return ds[y0:y1, x0:x1]
 
