@@ -20,7 +20,7 @@ import pandas as pd
 import streamlit as st
 
 from polcore.types import Filters
-from ui import data, paths, state
+from ui import data, paths, state, warmup
 
 __all__ = [
     "PageContext",
@@ -385,6 +385,7 @@ def init_page(title: str, icon: str | None = None, filters: tuple[str, ...] | No
     """
     st.set_page_config(page_title=f"{title} \u00b7 polbench", page_icon=icon, layout="wide")
     _setup_logging()
+    warmup.start()  # once per process: the heavy imports of the other pages, in the background
     problems = state.load_query_params()
     show = frozenset(PAGE_FILTERS.get(title, FILTERS) if filters is None else filters)
     unknown = show - set(FILTERS)

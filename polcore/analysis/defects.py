@@ -13,7 +13,6 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage, stats
 
 from polcore.types import N_CLASSES, circular_class_distance
 
@@ -176,6 +175,8 @@ def robust_normalize(values, method: str = "rank") -> np.ndarray:
     if v.size == 0:
         return out
     if method == "rank":
+        from scipy import stats  # imported here: scipy.stats takes about a second to import
+
         out[ok] = stats.rankdata(v, method="average") / v.size
     else:
         med = np.median(v)
@@ -187,6 +188,8 @@ def robust_normalize(values, method: str = "rank") -> np.ndarray:
 
 
 def _nan_gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
     ok = np.isfinite(x)
     num = ndimage.gaussian_filter(np.where(ok, x, 0.0), sigma, mode="nearest")
     den = ndimage.gaussian_filter(ok.astype(float), sigma, mode="nearest")
@@ -338,6 +341,8 @@ def candidate_regions(scores, *, top: int = 10, min_size: int = 4, quantile: flo
         Columns rank (1 = most irregular), y0, y1, x0, x1 (inclusive bounding box), cy, cx (centroid),
         n_px, mean_score, max_score, mass.
     """
+    from scipy import ndimage
+
     s = np.asarray(scores, dtype=float)
     if s.ndim != 2:
         raise ValueError(f"scores must be 2-D (ny, nx), got shape {s.shape}")

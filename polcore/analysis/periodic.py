@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 from scipy import fft as sfft
-from scipy import optimize, stats
+from scipy import optimize
 from threadpoolctl import threadpool_limits
 
 __all__ = ["PeriodicityResult", "periodicity", "fold_to_cell", "com_relation"]
@@ -475,6 +475,8 @@ def com_relation(error_cell, com_cell) -> dict:
     out = {"pearson_r": float("nan"), "spearman_r": float("nan"), "slope": float("nan"), "n": int(ok.sum())}
     if e.size < 3 or np.ptp(e) == 0 or np.ptp(c) == 0:
         return out
+    from scipy import stats  # imported here: about a second, and only this function needs it
+
     out["pearson_r"] = float(stats.pearsonr(c, e).statistic)
     out["spearman_r"] = float(stats.spearmanr(c, e).statistic)
     out["slope"] = float(np.polyfit(c, e, 1)[0])
