@@ -454,13 +454,37 @@ def _kasa(ey, ex, w):
     return cy, cx, r
 
 
+def _plateau_and_floor(flat: np.ndarray, mean: np.ndarray):
+    """Per row of finite ``flat``: the median of the values above ``mean`` and the 5th percentile (linear),
+    from one sort per row, the same numbers as ``nanmedian`` of the masked rows and ``percentile(.., 5)``."""
+    n, m = flat.shape
+    srt = np.sort(flat, axis=1)
+    rows = np.arange(n)
+    k = (flat > mean).sum(axis=1)  # the values above the mean are the last k of each sorted row
+    lo = np.clip(m - k + (k - 1) // 2, 0, m - 1)
+    hi = np.clip(m - k + k // 2, 0, m - 1)
+    plateau = np.stack([srt[rows, lo], srt[rows, hi]]).mean(axis=0)
+    plateau = np.where(k > 0, plateau, np.nan).astype(flat.dtype)
+    q = 0.05 * (m - 1)
+    i = min(int(math.floor(q)), m - 1)
+    j = min(i + 1, m - 1)
+    t = q - i
+    a, b = srt[:, i], srt[:, j]
+    d = b - a
+    bg = a + d * t if t < 0.5 else b - d * (1 - t)
+    return plateau, bg.astype(flat.dtype)
+
+
 def _rough_disc(S: np.ndarray):
     """Centroid and radius of the thresholded disc (30 % from background to plateau) of smoothed patterns."""
     n = S.shape[0]
     flat = S.reshape(n, -1)
     mean = flat.mean(axis=1, keepdims=True)
-    plateau = np.nanmedian(np.where(flat > mean, flat, np.nan), axis=1)
-    bg = np.percentile(flat, 5, axis=1)
+    if np.isfinite(flat).all():
+        plateau, bg = _plateau_and_floor(flat, mean)
+    else:
+        plateau = np.nanmedian(np.where(flat > mean, flat, np.nan), axis=1)
+        bg = np.percentile(flat, 5, axis=1)
     M = S > (bg + 0.3 * (plateau - bg))[:, None, None]
     a = M.sum(axis=(1, 2)).astype(np.float64)
     iy = np.arange(S.shape[1], dtype=np.float64)
@@ -514,7 +538,7 @@ def _disc_chunk(x: np.ndarray, radius, smooth_px: float, n_rays: int):
     from scipy import ndimage
 
     n, ky, kx = x.shape
-    S = x.astype(np.float32)
+    S = x.astype(np.float32, copy=False)  # not written to below (the filter and the crop make new arrays)
     if smooth_px > 0:
         S = ndimage.gaussian_filter(S, sigma=(0, smooth_px, smooth_px), mode="nearest")
     cy0, cx0, r0, ok0 = _rough_disc(S)
@@ -1089,16 +1113,27 @@ class _Stats:
         self.band = None
         self.counts = True
 
-    def add(self, patterns, positions, *, radius=None, smooth_px=1.0):
+    def add(self, patterns, positions, *, radius=None, smooth_px=1.0, centre_every: int = 1):
         x = np.asarray(patterns)
         if x.ndim != 3 or x.shape[0] == 0:
             return
         pos = _as_positions(positions, x.shape[0])
-        xf = x.astype(np.float32)
+        xf = x.astype(np.float32, copy=False)
         if self.counts:
-            self.counts = bool(np.all(xf >= 0) and np.all(xf == np.round(xf)))
-        cen, info = measure_disc_centres(xf, radius=radius if radius is not None else self.radius,
-                                         smooth_px=smooth_px)
+            if x.dtype.kind in "ui":  # integers are whole numbers in float32 too: only the sign is in question
+                self.counts = bool(x.dtype.kind == "u" or np.all(x >= 0))
+            else:
+                self.counts = bool(np.all(xf >= 0) and np.all(xf == np.round(xf)))
+        r_in = radius if radius is not None else self.radius
+        if centre_every > 1:  # disc centres of every k-th pattern only (NaN elsewhere); the rest of all of them
+            cen_k, info_k = measure_disc_centres(xf[::centre_every], radius=r_in, smooth_px=smooth_px)
+            cen = np.full((len(xf), 2), np.nan)
+            cen[::centre_every] = cen_k
+            ok = np.zeros(len(xf), bool)
+            ok[::centre_every] = info_k["ok"]
+            info = dict(ok=ok, radius_used=info_k["radius_used"])
+        else:
+            cen, info = measure_disc_centres(xf, radius=r_in, smooth_px=smooth_px)
         if self.radius is None and np.isfinite(info["radius_used"]):
             self.radius = info["radius_used"] if radius is None else float(radius)
         com, m2 = centre_of_mass(xf, second_moments=True)
@@ -1277,7 +1312,7 @@ def _geometry_from_stats(st: _Stats, nav_shape, meta, overrides, *, convergence_
 
 def estimate_geometry_from(patterns, positions, nav_shape, meta=None, overrides=None, *,
                            convergence_mrad: float | None = None, descan_order: int = 1, chunk: int = 256,
-                           radius: float | None = None) -> Geometry:
+                           radius: float | None = None, centre_every: int = 1) -> Geometry:
     """The geometry from patterns already in memory, e.g. the first patterns of an ingest's single pass.
 
     Parameters
@@ -1289,6 +1324,10 @@ def estimate_geometry_from(patterns, positions, nav_shape, meta=None, overrides=
         ``descan_y`` + ``descan_x`` (coefficients over ``DESCAN_TERMS``).
     convergence_mrad : probe semi-angle [mrad] used for the camera length when the file has none.
     descan_order : 1 (affine) or 2 (quadratic) surface.
+    centre_every : measure the disc centre (the costly part) of every ``centre_every``-th pattern only; the
+        CoM, dark field and totals still come from every pattern. With an affine surface (``descan_order=1``)
+        the rotation does not depend on which centres fit it (the estimator removes an affine trend from the
+        CoM field itself); the descan surface rests on fewer centres (its ``extrapolation_se_px`` grows).
 
     Notes
     -----
@@ -1302,7 +1341,7 @@ def estimate_geometry_from(patterns, positions, nav_shape, meta=None, overrides=
     pos = _as_positions(positions, x.shape[0])
     st = _Stats()
     for s in range(0, x.shape[0], chunk):
-        st.add(x[s:s + chunk], pos[s:s + chunk], radius=radius)
+        st.add(x[s:s + chunk], pos[s:s + chunk], radius=radius, centre_every=max(1, int(centre_every)))
     return _geometry_from_stats(st, nav_shape, meta, overrides, convergence_mrad=convergence_mrad,
                                 descan_order=descan_order)
 

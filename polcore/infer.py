@@ -168,24 +168,27 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
             batch = _repair(np.asarray(batch, np.float32), hot)
         return apply_geometry(batch, pos, applied["geometry"])
 
+    blas_one = _blas_one_thread()
+
     def run(pos, batch, corrected: bool = False):
         nonlocal t_read, done, virt
         t1 = time.perf_counter()
-        if not corrected:
-            batch = correct(pos, batch)
-        Xs = [pre.transform(batch) for pre in pres]
-        flat = pos[:, 0] * nx + pos[:, 1]
-        com[flat] = com_magnitude(Xs[0])
-        if virt is None:  # virtual detectors on the geometry-corrected raw batch, about the fitted disc
-            from polcore.virtual import VirtualImages
+        with blas_one():
+            if not corrected:
+                batch = correct(pos, batch)
+            Xs = [pre.transform(batch) for pre in pres]
+            flat = pos[:, 0] * nx + pos[:, 1]
+            com[flat] = com_magnitude(Xs[0])
+            if virt is None:  # virtual detectors on the geometry-corrected raw batch, about the fitted disc
+                from polcore.virtual import VirtualImages
 
-            virt = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
-        virt.add(flat, batch)
-        sel = keep[flat]
-        if sel.any():
-            sample_idx.append(flat[sel])
-            n_s = int(sel.sum())
-            inputs.append(Xs[0][sel].reshape(n_s, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(n_s, -1))
+                virt = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
+            virt.add(flat, batch)
+            sel = keep[flat]
+            if sel.any():
+                sample_idx.append(flat[sel])
+                n_s = int(sel.sum())
+                inputs.append(Xs[0][sel].reshape(n_s, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(n_s, -1))
         t_read += time.perf_counter() - t1
         for m, (model, o) in enumerate(zip(models, outs)):
             t2 = time.perf_counter()
@@ -215,8 +218,10 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
             pos_all = np.concatenate([p for p, _ in pending])
             if len(hot):
                 first = _repair(first.astype(np.float32), hot)
-            est = estimate_geometry_from(first, pos_all, (ny, nx), meta,
-                                         geometry_overrides, convergence_mrad=pres[0].convergence_mrad)
+            with blas_one():
+                est = estimate_geometry_from(first, pos_all, (ny, nx), meta, geometry_overrides,
+                                             convergence_mrad=pres[0].convergence_mrad,
+                                             centre_every=_centre_every(pos_all, (ny, nx)))
             applied = trusted_geometry(est, pos_all)
             if refine and models:
                 applied = _refine_rotation(applied, models[0], first, pos_all)
@@ -264,6 +269,51 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     log.info("predicted %d patterns with %d model(s) (%d preprocessing group(s)) in %.1f s", n_total,
              len(models), len(pres), wall)
     return results
+
+
+def _blas_one_thread():
+    """A factory of contexts that run numpy's BLAS on one thread (``threadpoolctl``; no-op without it).
+
+    The per-batch numpy work of a pass (resampling GEMMs, virtual detectors) is small; with BLAS on several
+    threads its workers keep spinning after each call and take the cores from the model that runs next
+    (ONNX Runtime / torch pools): on 2 cores the custom CNN's ``infer`` took 1.8x as long inside the pass as
+    alone. One thread gives the same numbers (the GEMMs split output blocks, not sums). The models themselves
+    run with the default threads."""
+    import contextlib
+
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        controller = ThreadpoolController()
+    except Exception:  # noqa: BLE001 - no threadpoolctl, or it cannot inspect this process: leave threads as they are
+        return contextlib.nullcontext
+    if not controller.select(user_api="blas").lib_controllers:
+        return contextlib.nullcontext
+    return lambda: controller.limit(limits=1, user_api="blas")
+
+
+#: Disc centres measured on every this many of the leading patterns when they cannot carry a trusted descan
+#: surface anyway (they span less than ``DESCAN_COVERAGE_HIGH`` of the rows or columns), see :func:`_centre_every`.
+CENTRE_EVERY_PARTIAL = 4
+
+
+def _centre_every(positions, nav_shape) -> int:
+    """Stride of the disc-centre measurement for the geometry estimate on the leading patterns of a pass.
+
+    The centres (most of the estimate's time) feed the descan surface; an estimated surface is applied only when
+    the centres span at least ``DESCAN_COVERAGE_HIGH`` of the scan's rows and columns (its confidence is 'low'
+    otherwise, see :func:`trusted_geometry`). Leading rows of a large scan never do, so there every
+    :data:`CENTRE_EVERY_PARTIAL`-th pattern is measured; the rotation (from the CoM field of every pattern, with
+    an affine trend removed) is the same. Scans whose leading patterns cover enough keep every centre.
+    """
+    from polcore.geometry import DESCAN_COVERAGE_HIGH
+
+    p = np.asarray(positions)
+    if len(p) < 64 * CENTRE_EVERY_PARTIAL:
+        return 1
+    ny, nx = (int(v) for v in nav_shape)
+    cov = min((np.ptp(p[:, 0]) + 1) / ny, (np.ptp(p[:, 1]) + 1) / nx)
+    return CENTRE_EVERY_PARTIAL if cov < DESCAN_COVERAGE_HIGH else 1
 
 
 _TRUSTED = ("file", "user")
