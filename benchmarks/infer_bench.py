@@ -50,13 +50,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "data" / "models" / "shipped"
-DEFAULT_MODEL = SHIPPED / "custom_cnn-binned-cls-s888.pt"
+#: the shipped base CNN (the speed table's custom CNN row) and the recommended model (the thickness experts: the
+#: general CNN, a 5 nm expert run only on the patterns gated to it, and the gate) for sections 2 and 3
+BASE_CNN = SHIPPED / "custom_cnn-binned-cls-s888.pt"
+DEFAULT_MODEL = SHIPPED / "custom_cnn-binned-cls-s888-tx.pt"
 SHIPPED_PCA = SHIPPED / "pca_knn-cls-s888.npz"
 
 #: label -> (family, how the model is made)
 CASES = {
     "custom_cnn/study": ("custom_cnn", dict(arch="study")),
-    "custom_cnn/binned*": ("custom_cnn", dict(checkpoint=str(DEFAULT_MODEL))),
+    "custom_cnn/binned*": ("custom_cnn", dict(checkpoint=str(BASE_CNN))),
     "resnet/resnet18": ("resnet", dict(arch="resnet18")),
     "vgg/vgg11_bn": ("vgg", dict(arch="vgg11_bn")),
     "pca_knn/lib20nm": ("pca_knn", dict()),
@@ -319,7 +322,7 @@ def print_table(res: dict) -> None:
     print("(read: the raw read rate of the scan (scan.iter_batches) just before; net(x): plain eager PyTorch; eager / "
           "channels_last / onnxruntime: model.infer with that backend; model: the route predict_scan uses, backend "
           "'auto' -> " + ", ".join(f"{r['model']}: {r['active_backend']}" for r in rows if "flops_per_pattern" in r)
-          + "; * = the default recommended model, shipped)")
+          + "; * = the shipped base CNN, the general member of the recommended thickness experts)")
     for r in rows:
         if str(r.get("active_backend", "")).startswith("knn:"):
             print(f"{r['model']}: predict_scan / raw read {r['project_pps'] / r['read_pps']:.2f}; neighbour search "
