@@ -30,16 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def per_pattern_loop(pre: Preprocessor, x: np.ndarray) -> np.ndarray:
     """The first implementation: one map_coordinates call per pattern."""
-    n, ky, kx = x.shape
-    rows, cols, zoom = pre._source_coords(ky, kx)
-    if zoom >= 2.0:
-        b = int(zoom)
-        hy, hx = (ky // b) * b, (kx // b) * b
-        x = x[:, :hy, :hx].reshape(n, hy // b, b, hx // b, b).mean(axis=(2, 4))
-        rows, cols = (rows - (b - 1) / 2.0) / b, (cols - (b - 1) / 2.0) / b
+    x, rows, cols = pre.reference_grid(x)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    out = np.empty((n, pre.size, pre.size), np.float32)
-    for i in range(n):
+    out = np.empty((len(x), pre.size, pre.size), np.float32)
+    for i in range(len(x)):
         ndimage.map_coordinates(x[i], [rr, cc], output=out[i], order=1, mode="nearest")
     return minmax(out)
 
@@ -47,13 +41,7 @@ def per_pattern_loop(pre: Preprocessor, x: np.ndarray) -> np.ndarray:
 def four_gathers(pre: Preprocessor, x: np.ndarray) -> np.ndarray:
     """The second implementation: bilinear weights applied with four fancy-index gathers over the batch."""
     x = x.astype(np.float32, copy=False)
-    n, ky, kx = x.shape
-    rows, cols, zoom = pre._source_coords(ky, kx)
-    if zoom >= 2.0:
-        b = int(zoom)
-        hy, hx = (ky // b) * b, (kx // b) * b
-        x = x[:, :hy, :hx].reshape(n, hy // b, b, hx // b, b).mean(axis=(2, 4))
-        rows, cols = (rows - (b - 1) / 2.0) / b, (cols - (b - 1) / 2.0) / b
+    x, rows, cols = pre.reference_grid(x)
     (i0, i1, fy), (j0, j1, fx) = _linear_taps(rows, x.shape[1]), _linear_taps(cols, x.shape[2])
     fy, fx = fy[:, None], fx[None, :]
     top = x[:, i0[:, None], j0[None, :]] * (1 - fx) + x[:, i0[:, None], j1[None, :]] * fx

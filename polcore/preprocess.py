@@ -366,6 +366,20 @@ class Preprocessor:
         cy, cx = self.center_
         return cy + o * zoom, cx + o * zoom, zoom
 
+    def reference_grid(self, x: np.ndarray):
+        """The resampling's definition, for checks and benchmarks: ``(x, rows, cols)`` with the (n, ky, kx)
+        patterns area-averaged by the integer zoom factor when downsampling by 2 or more, and the output grid's
+        source coordinates on that (binned) grid; bilinear interpolation of ``x`` at ``(rows, cols)`` is what
+        :meth:`transform` computes (before min-max) with its precomputed weights."""
+        n, ky, kx = x.shape
+        rows, cols, zoom = self._source_coords(ky, kx)
+        if zoom >= 2.0:
+            b = int(zoom)
+            hy, hx = (ky // b) * b, (kx // b) * b
+            x = x[:, :hy, :hx].reshape(n, hy // b, b, hx // b, b).mean(axis=(2, 4))
+            rows, cols = (rows - (b - 1) / 2.0) / b, (cols - (b - 1) / 2.0) / b
+        return x, rows, cols
+
     def transform(self, patterns) -> np.ndarray:
         """Resample about the disc centre to the target sampling, crop ``size`` x ``size``, min-max per pattern.
 

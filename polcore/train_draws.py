@@ -153,25 +153,27 @@ def validation_set(lib, thickness=None, dose: float = 2e4, max_patterns: int = 6
     return np.concatenate(Xs), np.concatenate(ys).astype(np.int64)
 
 
-def _parent_model(cfg, out_dir: Path):
-    """The checkpoint a fine-tune starts from (``cfg.init_from`` in ``out_dir``), checked against ``cfg``.
+def _parent_model(cfg, out_dir: Path, name: str | None = None):
+    """The checkpoint a fine-tune starts from (``cfg.init_from`` in ``out_dir``, or the run ``name``: an expert
+    of a composite), checked against ``cfg``'s family, arch and head.
 
     Returns (model, {"name", "checkpoint", "sha256", "library_sha256"})."""
     import hashlib
 
     from polcore.models import checkpoint_suffix, load_checkpoint
 
-    path = out_dir / f"{cfg.init_from}{checkpoint_suffix(cfg.family)}"
+    name = name or cfg.init_from
+    path = out_dir / f"{name}{checkpoint_suffix(cfg.family)}"
     if not path.is_file():
         raise FileNotFoundError(f"{cfg.name}: fine-tuning starts from {path}, which does not exist; train "
-                                f"{cfg.init_from} into {out_dir} first")
+                                f"{name} into {out_dir} first")
     model = load_checkpoint(path, device="cpu")
     arch = model.cfg.get("arch")
     if model.meta.get("family") != cfg.family or model.meta.get("head") != cfg.head or (cfg.arch and arch != cfg.arch):
         raise ValueError(f"{cfg.name}: {path} is {model.meta.get('family')}/{arch}/{model.meta.get('head')}, not "
                          f"{cfg.family}/{cfg.arch}/{cfg.head}")
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return model, {"name": cfg.init_from, "checkpoint": str(path), "sha256": sha,
+    return model, {"name": name, "checkpoint": str(path), "sha256": sha,
                    "library_sha256": model.meta.get("library_sha256"),
                    "train_config": model.meta.get("train_config")}
 
@@ -193,16 +195,13 @@ def _thickness_experts(cfg, lib, out_dir: Path, aug, progress=None):
     """The :class:`~polcore.models.experts.ThicknessExperts` composite of ``cfg.init_from`` (general) and the
     ``cfg.experts`` runs, its gate fitted on ``cfg.n_fit_patterns`` augmented training patterns (every thickness
     equally often). Returns (model, parent info, per-thickness gate accuracy on the 'val' draws)."""
-    from types import SimpleNamespace
-
     from polcore.models.experts import ThicknessExperts, band_of, fit_gate, gate_features
 
     general, parent = _parent_model(cfg, out_dir)
     members, infos, bands = {"general": general}, {"general": parent}, []
     for i, (name, lo, hi, run) in enumerate(cfg.experts):
-        probe = SimpleNamespace(init_from=run, family=cfg.family, head=cfg.head, arch=cfg.arch, name=cfg.name)
         key = f"expert{i}"
-        members[key], infos[key] = _parent_model(probe, out_dir)
+        members[key], infos[key] = _parent_model(cfg, out_dir, name=run)
         bands.append(dict(name=name, lo_nm=lo, hi_nm=hi, member=key))
     for lo, hi in _complement_bands(cfg.experts):
         bands.append(dict(name=f"{lo:g}-{hi:g} nm" if hi < 1e6 else f">= {lo:g} nm", lo_nm=lo, hi_nm=hi,

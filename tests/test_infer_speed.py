@@ -55,15 +55,9 @@ def _per_pattern_reference(pre: Preprocessor, x: np.ndarray) -> np.ndarray:
     """The previous implementation: hot-pixel repair on the whole frame, binning, then one
     ``ndimage.map_coordinates(order=1, mode='nearest')`` call per pattern."""
     x = np.asarray(x, np.float32)
-    n, ky, kx = x.shape
     if len(pre.hot_pixels_):
         x = _repair(x, pre.hot_pixels_)
-    rows, cols, zoom = pre._source_coords(ky, kx)
-    if zoom >= 2.0:
-        b = int(zoom)
-        hy, hx = (ky // b) * b, (kx // b) * b
-        x = x[:, :hy, :hx].reshape(n, hy // b, b, hx // b, b).mean(axis=(2, 4))
-        rows, cols = (rows - (b - 1) / 2.0) / b, (cols - (b - 1) / 2.0) / b
+    x, rows, cols = pre.reference_grid(x)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     out = np.stack([ndimage.map_coordinates(p, [rr, cc], order=1, mode="nearest") for p in x])
     return minmax(out)
