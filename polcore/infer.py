@@ -9,7 +9,9 @@ analyses.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -101,7 +103,7 @@ def _groups(models, preprocessor) -> tuple[list, list[int]]:
 def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, preprocessor=None,
                       fit_patterns: int = 4096, embed_sample: int = 2000, seed: int = 0, geometry=None,
                       geometry_overrides: dict | None = None, on_batch=None,
-                      refine: bool = True) -> list[ScanPrediction]:
+                      refine: bool = True, overlap: bool | None = None) -> list[ScanPrediction]:
     """Run several models over one scan in ONE pass over the file.
 
     Models whose preprocessing settings agree (target sampling, convergence, size) share one preprocessor;
@@ -131,6 +133,8 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     geometry_overrides : user values for the estimate (ignored when ``geometry`` is given).
     refine : refine an estimated, trusted rotation with the first model (:func:`polcore.refine.refine_rotation`:
         the angle within 2 deg at which the model is surest); file and user values are never changed.
+    overlap : prepare the next batch (geometry, resampling, CoM, virtual sums) in a stage thread while the
+        models run on this one; None = :func:`_overlap_default` (measured: where it wins). Same results either way.
     on_batch : optional ``on_batch(flat, preds)`` after each batch: ``flat`` (n,) flat scan indices
         (``iy * nx + ix``) of the batch and ``preds`` one (n,) int8 class array per model, in ``models`` order
         (progressive maps; an exception raised there stops the pass, like one raised in ``progress``).
@@ -169,27 +173,38 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         return apply_geometry(batch, pos, applied["geometry"])
 
     blas_one = _blas_one_thread()
+    virt_lock = threading.Lock()
 
-    def run(pos, batch, corrected: bool = False):
-        nonlocal t_read, done, virt
+    def prepare(pos, batch, corrected: bool = False):
+        """The model-independent work on one batch (geometry, preprocessing, CoM, virtual-detector sums): reads
+        the fitted state only, writes nothing shared, so the stage thread may run it ahead of the models."""
+        nonlocal t_read, virt
         t1 = time.perf_counter()
-        with blas_one():
-            if not corrected:
-                batch = correct(pos, batch)
-            Xs = [pre.transform(batch) for pre in pres]
-            flat = pos[:, 0] * nx + pos[:, 1]
-            com[flat] = com_magnitude(Xs[0])
+        if not corrected:
+            batch = correct(pos, batch)
+        Xs = [pre.transform(batch) for pre in pres]
+        flat = pos[:, 0] * nx + pos[:, 1]
+        with virt_lock:
             if virt is None:  # virtual detectors on the geometry-corrected raw batch, about the fitted disc
                 from polcore.virtual import VirtualImages
 
                 virt = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
-            virt.add(flat, batch)
-            sel = keep[flat]
-            if sel.any():
-                sample_idx.append(flat[sel])
-                n_s = int(sel.sum())
-                inputs.append(Xs[0][sel].reshape(n_s, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(n_s, -1))
-        t_read += time.perf_counter() - t1
+        prepared = (flat, Xs, com_magnitude(Xs[0]), virt.sums(batch))
+        with virt_lock:
+            t_read += time.perf_counter() - t1
+        return prepared
+
+    def consume(prepared):
+        """Store one prepared batch and run every model on it (this thread)."""
+        nonlocal done
+        flat, Xs, com_b, vsums = prepared
+        com[flat] = com_b
+        virt.put(flat, vsums)
+        sel = keep[flat]
+        if sel.any():
+            sample_idx.append(flat[sel])
+            n_s = int(sel.sum())
+            inputs.append(Xs[0][sel].reshape(n_s, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(n_s, -1))
         for m, (model, o) in enumerate(zip(models, outs)):
             t2 = time.perf_counter()
             pred, proba, emb = model.infer(Xs[group_of[m]])
@@ -203,6 +218,9 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
             on_batch(flat, [o["pred"][flat] for o in outs])
         if progress is not None:
             progress(done / n_total, f"{done}/{n_total} patterns x {len(models)} model(s)")
+
+    def run(pos, batch, corrected: bool = False):
+        consume(prepare(pos, batch, corrected))
 
     meta = getattr(scan, "meta", None)
     if preprocessor is not None and applied is None:
@@ -218,10 +236,9 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
             pos_all = np.concatenate([p for p, _ in pending])
             if len(hot):
                 first = _repair(first.astype(np.float32), hot)
-            with blas_one():
-                est = estimate_geometry_from(first, pos_all, (ny, nx), meta, geometry_overrides,
-                                             convergence_mrad=pres[0].convergence_mrad,
-                                             centre_every=_centre_every(pos_all, (ny, nx)))
+            est = estimate_geometry_from(first, pos_all, (ny, nx), meta, geometry_overrides,
+                                         convergence_mrad=pres[0].convergence_mrad,
+                                         centre_every=_centre_every(pos_all, (ny, nx)))
             applied = trusted_geometry(est, pos_all)
             if refine and models:
                 applied = _refine_rotation(applied, models[0], first, pos_all)
@@ -233,18 +250,34 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         for p, b in fixed:
             run(p, b, corrected=True)
 
-    with _Prefetch(scan.iter_batches(batch_size)) as reader:  # the next batch is read while this one runs
-        for pos, batch in reader:
-            if pending is None:
-                run(pos, batch)
-                continue
-            pending.append((pos, np.asarray(batch)))
-            n_pending += len(pos)
-            if n_pending >= fit_patterns:
-                flush()
-                pending = None
-    if pending:
-        flush()
+    ready = pending is None  # the fitted state (geometry, preprocessors, detectors) is known
+
+    def stage(item):
+        """On the stage thread: prepare batches once the fits are done; earlier ones pass through raw."""
+        pos, batch = item
+        return (pos, None, prepare(pos, batch)) if ready else (pos, batch, None)
+
+    # the reader thread reads and decompresses the next batches; with ``overlap`` a stage thread prepares them
+    # (geometry, resampling, CoM, virtual sums) while this thread runs the models on the previous one
+    overlap = _overlap_default(models) if overlap is None else bool(overlap)
+    with blas_one():  # numpy's BLAS on one thread for the whole pass (see _blas_one_thread)
+        with _Prefetch(scan.iter_batches(batch_size)) as reader, \
+                (_Prefetch(reader, fn=stage) if overlap else contextlib.nullcontext(map(stage, reader))) as items:
+            for pos, batch, prepared in items:
+                if prepared is not None:
+                    consume(prepared)
+                    continue
+                if pending is None:
+                    run(pos, batch)
+                    continue
+                pending.append((pos, np.asarray(batch)))
+                n_pending += len(pos)
+                if n_pending >= fit_patterns:
+                    flush()
+                    pending = None
+                    ready = True
+        if pending:
+            flush()
     wall = time.perf_counter() - t0
     if done != n_total:
         raise RuntimeError(f"scan yielded {done} patterns, expected {n_total}")
@@ -271,6 +304,13 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     return results
 
 
+def _overlap_default(models) -> bool:
+    """Whether the stage thread pays: yes when no model is a torch network (PCA+kNN, the CoM baseline leave a
+    core free while they search); the networks' ONNX Runtime / torch kernels already use every core, and a
+    third busy thread beside them costs more than it hides (``benchmarks/infer_bench.py`` measures both)."""
+    return not any(getattr(m, "is_torch", False) for m in models)
+
+
 def _blas_one_thread():
     """A factory of contexts that run numpy's BLAS on one thread (``threadpoolctl``; no-op without it).
 
@@ -279,8 +319,6 @@ def _blas_one_thread():
     (ONNX Runtime / torch pools): on 2 cores the custom CNN's ``infer`` took 1.8x as long inside the pass as
     alone. One thread gives the same numbers (the GEMMs split output blocks, not sums). The models themselves
     run with the default threads."""
-    import contextlib
-
     try:
         from threadpoolctl import ThreadpoolController
 
@@ -448,11 +486,11 @@ class _Prefetch:
 
     _END = object()
 
-    def __init__(self, batches, depth: int = 2):
+    def __init__(self, batches, depth: int = 2, fn=None):
         import queue
-        import threading
 
         self._batches = batches
+        self._fn = fn
         self._q = queue.Queue(maxsize=max(1, int(depth)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="polbench-prefetch", daemon=True)
@@ -472,6 +510,8 @@ class _Prefetch:
         it = iter(self._batches)
         try:
             for item in it:
+                if self._fn is not None:
+                    item = self._fn(item)
                 if not self._put((None, item)):
                     break
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there

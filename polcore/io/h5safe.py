@@ -43,7 +43,11 @@ Three checks, used by every HDF5 reader (:mod:`polcore.io.hdf5`, :mod:`polcore.i
 from __future__ import annotations
 
 import math
-import zlib
+
+try:  # zlib-ng: the same deflate streams inflated about 2x faster than CPython's zlib (io_bench); optional
+    from zlib_ng import zlib_ng as zlib
+except ImportError:  # pragma: no cover - the pinned requirements install it
+    import zlib
 
 import h5py
 import numpy as np
