@@ -260,9 +260,10 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     # the reader thread reads and decompresses the next batches; with ``overlap`` a stage thread prepares them
     # (geometry, resampling, CoM, virtual sums) while this thread runs the models on the previous one
     overlap = _overlap_default(models) if overlap is None else bool(overlap)
+    nice = STAGE_NICE if any(getattr(m, "is_torch", False) for m in models) else 0
     with blas_one():  # numpy's BLAS on one thread for the whole pass (see _blas_one_thread)
-        with _Prefetch(scan.iter_batches(batch_size)) as reader, \
-                (_Prefetch(reader, fn=stage) if overlap else contextlib.nullcontext(map(stage, reader))) as items:
+        with _Prefetch(scan.iter_batches(batch_size), nice=nice) as reader, \
+                (_Prefetch(reader, fn=stage, nice=nice) if overlap else contextlib.nullcontext(map(stage, reader))) as items:
             for pos, batch, prepared in items:
                 if prepared is not None:
                     consume(prepared)
@@ -302,6 +303,21 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     log.info("predicted %d patterns with %d model(s) (%d preprocessing group(s)) in %.1f s", n_total,
              len(models), len(pres), wall)
     return results
+
+
+#: nice value added to the reader and stage threads beside torch models (see predict_scan_many's ``overlap``)
+STAGE_NICE = 0
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's nice value by ``nice`` (Linux: threads are scheduled as tasks); elsewhere nothing."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError):
+        pass
 
 
 def _overlap_default(models) -> bool:
@@ -486,11 +502,12 @@ class _Prefetch:
 
     _END = object()
 
-    def __init__(self, batches, depth: int = 2, fn=None):
+    def __init__(self, batches, depth: int = 2, fn=None, nice: int = 0):
         import queue
 
         self._batches = batches
         self._fn = fn
+        self._nice = int(nice)
         self._q = queue.Queue(maxsize=max(1, int(depth)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="polbench-prefetch", daemon=True)
@@ -507,6 +524,8 @@ class _Prefetch:
         return False
 
     def _produce(self) -> None:
+        if self._nice:
+            _lower_priority(self._nice)
         it = iter(self._batches)
         try:
             for item in it:

@@ -175,6 +175,24 @@ def _axis_weights(coords: np.ndarray, n: int, b: int = 1) -> tuple[tuple[int, in
     return (lo, hi), np.ascontiguousarray(w[:, lo:hi], dtype=np.float32)
 
 
+#: Output rows per band of the row interpolation (:func:`_bands`): a bilinear row reads ~2 input rows, so a band
+#: of 16 output rows reads ~22 of the ~84 rows of the region (measured: the row step 1.7x faster than one product)
+ROW_BAND = 16
+
+
+def _bands(w: np.ndarray, k: int) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """Split interpolation weights ``w`` (m, n) into bands of ``k`` output rows: ``(j0, j1, lo, hi, w[j0:j1,
+    lo:hi])`` with ``lo..hi`` the inputs the band's rows weigh (the others are exact zeros, so ``w[j0:j1] @ v``
+    equals ``w[j0:j1, lo:hi] @ v[lo:hi]``)."""
+    out = []
+    for j0 in range(0, w.shape[0], k):
+        j1 = min(w.shape[0], j0 + k)
+        used = np.flatnonzero(np.any(w[j0:j1] != 0, axis=0))
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if len(used) else (0, 1)
+        out.append((j0, j1, lo, hi, np.ascontiguousarray(w[j0:j1, lo:hi])))
+    return out
+
+
 def _repair_inplace(x: np.ndarray, hot: np.ndarray) -> None:
     """Replace hot pixels of every pattern (n, h, w) by the mean of their in-bounds, not-hot 4-neighbours."""
     _, h, w = x.shape
@@ -416,10 +434,13 @@ class Preprocessor:
         if plan["crop"] is not None:
             (i0, j0), s = plan["crop"], self.size
             return minmax(xc[:, i0 : i0 + s, j0 : j0 + s])
-        wy, wx = plan["weights"]
+        wx = plan["weights"][1]
         h, w = xc.shape[1:]
         y = (xc.reshape(n * h, w) @ wx.T).reshape(n, h, self.size)  # columns: one GEMM for the whole batch
-        return _minmax_inplace(np.matmul(wy, y))  # rows
+        out = np.empty((n, self.size, self.size), np.float32)
+        for j0, j1, lo, hi, wb in plan["row_bands"]:  # rows: per band of output rows, only the rows it reads
+            out[:, j0:j1] = np.matmul(wb, y[:, lo:hi])
+        return _minmax_inplace(out)
 
     def _plan(self, ky: int, kx: int) -> dict:
         """Detector region read, interpolation weights (or an exact crop) and the hot pixels inside the region,
@@ -444,6 +465,7 @@ class Preprocessor:
             b = int(zoom) if zoom >= 2.0 else 1  # downsampling: area-average by an integer factor first (anti-aliasing)
             (ry, wy), (rx, wx) = _axis_weights(rows, ky, b), _axis_weights(cols, kx, b)
             plan["region"], plan["weights"] = (ry, rx), (wy, wx)
+            plan["row_bands"] = _bands(wy, ROW_BAND)
         if hot is not None:
             (ra, re), (ca, ce) = plan["region"]
             local = np.asarray(hot, int) - np.array([ra, ca])
