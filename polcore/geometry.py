@@ -112,6 +112,7 @@ numpy and scipy only.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1117,13 +1118,48 @@ class _Stats:
         x = np.asarray(patterns)
         if x.ndim != 3 or x.shape[0] == 0:
             return
+        self._append(self.compute(x, positions, radius=radius, smooth_px=smooth_px, centre_every=centre_every))
+
+    def add_many(self, chunks, *, workers: int = 1, **kw) -> None:
+        """:meth:`add` each ``(patterns, positions)`` of ``chunks`` in order; with ``workers`` > 1 the chunks
+        after the first ones (which fix the disc radius and the dark-field band) are computed on that many threads
+        (numpy and scipy.ndimage release the GIL), then appended in order: the same statistics."""
+        chunks = [(np.asarray(x), p) for x, p in chunks if np.ndim(x) == 3 and len(x)]
+        if not chunks:
+            return
+        i = 0
+        while i < len(chunks) and (i == 0 or self.radius is None or self.band is None):
+            self.add(*chunks[i], **kw)
+            i += 1
+        rest = chunks[i:]
+        if workers > 1 and len(rest) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(workers, len(rest))) as ex:
+                results = list(ex.map(lambda c: self.compute(*c, **kw), rest))
+        else:
+            results = [self.compute(*c, **kw) for c in rest]
+        for r in results:
+            self._append(r)
+
+    def _append(self, r: dict) -> None:
+        self.counts = self.counts and r["counts"]
+        if self.radius is None and r["radius"] is not None:
+            self.radius = r["radius"]
+        if self.band is None and r["band"] is not None:
+            self.band = r["band"]
+        for k in ("pos", "cen", "com", "var", "df", "tot"):
+            getattr(self, k).append(r[k])
+
+    def compute(self, patterns, positions, *, radius=None, smooth_px=1.0, centre_every: int = 1) -> dict:
+        """One chunk's per-pattern numbers; reads the radius and band fixed so far, changes nothing."""
+        x = np.asarray(patterns)
         pos = _as_positions(positions, x.shape[0])
         xf = x.astype(np.float32, copy=False)
-        if self.counts:
-            if x.dtype.kind in "ui":  # integers are whole numbers in float32 too: only the sign is in question
-                self.counts = bool(x.dtype.kind == "u" or np.all(x >= 0))
-            else:
-                self.counts = bool(np.all(xf >= 0) and np.all(xf == np.round(xf)))
+        if x.dtype.kind in "ui":  # integers are whole numbers in float32 too: only the sign is in question
+            counts = bool(x.dtype.kind == "u" or np.all(x >= 0))
+        else:
+            counts = bool(np.all(xf >= 0) and np.all(xf == np.round(xf)))
         r_in = radius if radius is not None else self.radius
         if centre_every > 1:  # disc centres of every k-th pattern only (NaN elsewhere); the rest of all of them
             cen_k, info_k = measure_disc_centres(xf[::centre_every], radius=r_in, smooth_px=smooth_px)
@@ -1134,8 +1170,9 @@ class _Stats:
             info = dict(ok=ok, radius_used=info_k["radius_used"])
         else:
             cen, info = measure_disc_centres(xf, radius=r_in, smooth_px=smooth_px)
-        if self.radius is None and np.isfinite(info["radius_used"]):
-            self.radius = info["radius_used"] if radius is None else float(radius)
+        own_radius = self.radius
+        if own_radius is None and np.isfinite(info["radius_used"]):
+            own_radius = info["radius_used"] if radius is None else float(radius)
         com, m2 = centre_of_mass(xf, second_moments=True)
         tot = xf.reshape(len(xf), -1).sum(1, dtype=np.float64)
         ky, kx = x.shape[1:]
@@ -1150,26 +1187,23 @@ class _Stats:
             prov = np.tile(np.nanmedian(cen, axis=0), (len(pos), 1))
         else:
             prov = np.tile(np.array([ky // 2, kx // 2], float), (len(pos), 1))
-        if self.band is None and self.radius is not None:
+        band = self.band
+        if band is None and own_radius is not None:
             # dark-field annulus, fixed for the whole estimate: from 1.2 R to the detector's edge, less the
             # largest disc offset of the first chunk (no annulus when the disc fills the detector)
             off = float(np.max(np.abs(prov - np.array([ky // 2, kx // 2])))) if len(prov) else 0.0
-            r_in, r_out = 1.2 * self.radius, min(ky, kx) / 2 - 1 - off
-            self.band = (r_in, r_out) if r_out > r_in + 1 else (0.0, 0.0)
-        if self.band is not None and self.band[1] > self.band[0]:
+            r_in, r_out = 1.2 * own_radius, min(ky, kx) / 2 - 1 - off
+            band = (r_in, r_out) if r_out > r_in + 1 else (0.0, 0.0)
+        if band is not None and band[1] > band[0]:
             gy, gx = np.mgrid[0:ky, 0:kx].astype(np.float32)
             d2 = (gy[None] - prov[:, 0, None, None].astype(np.float32)) ** 2 + \
                  (gx[None] - prov[:, 1, None, None].astype(np.float32)) ** 2
-            m = (d2 >= self.band[0] ** 2) & (d2 < self.band[1] ** 2)
+            m = (d2 >= band[0] ** 2) & (d2 < band[1] ** 2)
             df = (xf * m).reshape(len(xf), -1).sum(1, dtype=np.float64) / np.where(tot > 0, tot, np.nan)
         else:
             df = np.full(len(xf), np.nan)
-        self.pos.append(pos.astype(np.int64))
-        self.cen.append(cen)
-        self.com.append(com)
-        self.var.append(m2.mean(1) / np.where(tot > 0, tot, np.nan))
-        self.df.append(df)
-        self.tot.append(tot)
+        return dict(counts=counts, radius=own_radius, band=band, pos=pos.astype(np.int64), cen=cen, com=com,
+                    var=m2.mean(1) / np.where(tot > 0, tot, np.nan), df=df, tot=tot)
 
     def arrays(self):
         def cat(v):
@@ -1312,7 +1346,7 @@ def _geometry_from_stats(st: _Stats, nav_shape, meta, overrides, *, convergence_
 
 def estimate_geometry_from(patterns, positions, nav_shape, meta=None, overrides=None, *,
                            convergence_mrad: float | None = None, descan_order: int = 1, chunk: int = 256,
-                           radius: float | None = None, centre_every: int = 1) -> Geometry:
+                           radius: float | None = None, centre_every: int = 1, workers: int | None = None) -> Geometry:
     """The geometry from patterns already in memory, e.g. the first patterns of an ingest's single pass.
 
     Parameters
@@ -1328,6 +1362,7 @@ def estimate_geometry_from(patterns, positions, nav_shape, meta=None, overrides=
         CoM, dark field and totals still come from every pattern. With an affine surface (``descan_order=1``)
         the rotation does not depend on which centres fit it (the estimator removes an affine trend from the
         CoM field itself); the descan surface rests on fewer centres (its ``extrapolation_se_px`` grows).
+    workers : threads computing the chunks' numbers (None = the cores, at most 4); the same result for any.
 
     Notes
     -----
@@ -1339,9 +1374,11 @@ def estimate_geometry_from(patterns, positions, nav_shape, meta=None, overrides=
     if x.ndim != 3 or x.shape[0] == 0:
         raise ValueError(f"patterns must be (n, ky, kx) with n > 0, got shape {x.shape}")
     pos = _as_positions(positions, x.shape[0])
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
     st = _Stats()
-    for s in range(0, x.shape[0], chunk):
-        st.add(x[s:s + chunk], pos[s:s + chunk], radius=radius, centre_every=max(1, int(centre_every)))
+    st.add_many([(x[s:s + chunk], pos[s:s + chunk]) for s in range(0, x.shape[0], chunk)], workers=workers,
+                radius=radius, centre_every=max(1, int(centre_every)))
     return _geometry_from_stats(st, nav_shape, meta, overrides, convergence_mrad=convergence_mrad,
                                 descan_order=descan_order)
 
