@@ -242,3 +242,37 @@ def _fitted(scan) -> Preprocessor:
 def _inputs_for(scan):
     x = _fitted(scan).transform(next(iter(scan.iter_batches(16)))[1])
     return x, np.arange(len(x)) % 8
+
+
+@pytest.mark.parametrize("family", ["pca_knn", "custom_cnn"])
+def test_the_stage_thread_changes_nothing(tmp_path, default_library, family):
+    """``overlap=True`` (a stage thread prepares the next batches: geometry, resampling, CoM, virtual sums) gives
+    the same maps, probabilities, features and virtual images as preparing each batch in the model's thread,
+    including the leading batches held for the geometry estimate and the preprocessing fit."""
+    from polcore.infer import predict_scan_many
+
+    scan = open_scan(_composed(tmp_path, default_library, 12, 10, 96, 1.0, hot=2))
+    if family == "pca_knn":
+        model = build_model("pca_knn", n_components=4).fit(*_inputs_for(scan))
+    else:
+        torch.manual_seed(0)
+        model = build_model("custom_cnn", "cls", device="cpu", arch="binned")
+    model.meta["preprocessing"] = Preprocessor(1.2698400228125573, 24.0).to_dict()
+    threads = {}
+
+    def run(overlap):
+        def seen(flat, preds):
+            threads[overlap] = max(threads.get(overlap, 0),
+                                   sum(t.name == "polbench-prefetch" for t in threading.enumerate()))
+
+        return predict_scan_many(scan, [model], batch_size=16, fit_patterns=40, embed_sample=50, overlap=overlap,
+                                 on_batch=seen)[0]
+
+    a, b = run(False), run(True)
+    assert threads == {False: 1, True: 2}  # the reader alone / the reader and the stage thread
+    for key in ("pred", "probs", "com", "features", "inputs", "sample_pos"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    assert a.virtual.keys() == b.virtual.keys()
+    for key in a.virtual:
+        np.testing.assert_array_equal(a.virtual[key], b.virtual[key], err_msg=key)
+    assert a.geometry == b.geometry
