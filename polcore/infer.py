@@ -260,10 +260,9 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     # the reader thread reads and decompresses the next batches; with ``overlap`` a stage thread prepares them
     # (geometry, resampling, CoM, virtual sums) while this thread runs the models on the previous one
     overlap = _overlap_default(models) if overlap is None else bool(overlap)
-    nice = STAGE_NICE if any(getattr(m, "is_torch", False) for m in models) else 0
     with blas_one():  # numpy's BLAS on one thread for the whole pass (see _blas_one_thread)
-        with _Prefetch(scan.iter_batches(batch_size), nice=nice) as reader, \
-                (_Prefetch(reader, fn=stage, nice=nice) if overlap else contextlib.nullcontext(map(stage, reader))) as items:
+        with _Prefetch(scan.iter_batches(batch_size)) as reader, \
+                (_Prefetch(reader, fn=stage) if overlap else contextlib.nullcontext(map(stage, reader))) as items:
             for pos, batch, prepared in items:
                 if prepared is not None:
                     consume(prepared)
@@ -305,25 +304,12 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     return results
 
 
-#: nice value added to the reader and stage threads beside torch models (see predict_scan_many's ``overlap``)
-STAGE_NICE = 0
-
-
-def _lower_priority(nice: int) -> None:
-    """Raise this thread's nice value by ``nice`` (Linux: threads are scheduled as tasks); elsewhere nothing."""
-    import os
-
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except (AttributeError, OSError):
-        pass
-
-
 def _overlap_default(models) -> bool:
-    """Whether the stage thread pays: yes when no model is a torch network (PCA+kNN, the CoM baseline leave a
-    core free while they search); the networks' ONNX Runtime / torch kernels already use every core, and a
-    third busy thread beside them costs more than it hides (``benchmarks/infer_bench.py`` measures both)."""
+    """Whether the stage thread pays: yes when no model is a torch network (PCA+kNN and the CoM baseline run on
+    one core and leave the other to the reader and the stage: PCA+kNN 1.0-1.4x faster end to end). The networks'
+    ONNX Runtime / torch kernels already keep both cores busy (1.96 cores used by the model alone), so a stage
+    thread beside them only moves the same work around: measured on a 256 x 256 scan with the thickness
+    experts, e2e/model 0.68-0.71 with it against 0.67-0.68 without, also with the stage at nice 19."""
     return not any(getattr(m, "is_torch", False) for m in models)
 
 
@@ -502,12 +488,11 @@ class _Prefetch:
 
     _END = object()
 
-    def __init__(self, batches, depth: int = 2, fn=None, nice: int = 0):
+    def __init__(self, batches, depth: int = 2, fn=None):
         import queue
 
         self._batches = batches
         self._fn = fn
-        self._nice = int(nice)
         self._q = queue.Queue(maxsize=max(1, int(depth)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="polbench-prefetch", daemon=True)
@@ -524,8 +509,6 @@ class _Prefetch:
         return False
 
     def _produce(self) -> None:
-        if self._nice:
-            _lower_priority(self._nice)
         it = iter(self._batches)
         try:
             for item in it:
