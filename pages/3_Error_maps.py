@@ -1,11 +1,11 @@
 """Error maps: one run's maps over the structure, polarization arrows, the probe viewer, two models compared,
 periodic error analysis and the wrong predictions.
 
-Layout for a projector: a two-column grid of maps (predicted class | confidence, arrows | ground truth,
-errors | virtual image), then tabs (probe position, comparison, periodic errors, wrong predictions). Drag a
-box on the predicted-class map to set the region filter (shared with every page and the URL); click a
-position on the confidence map to see its diffraction pattern beside the library patterns the model
-compared it with.
+Layout for a projector: a two-column grid of maps (predicted class | confidence, arrows | one of errors,
+ground truth or a virtual image, chosen above it), then tabs (probe position, comparison, periodic errors,
+wrong predictions). Drag a box on the predicted-class map to set the region filter (shared with every page
+and the URL); click a position on the confidence map to see its diffraction pattern beside the library
+patterns the model compared it with.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ PATTERN_MARGIN = dict(l=40, r=10, t=40, b=30)
 BASES = {"adf": "virtual ADF", "bf": "virtual BF"}
 #: Pattern display modes of the probe viewer.
 DISPLAY = {"log": "log", "gamma": "gamma 0.5", "linear": "linear"}
+#: The maps that can lie beside the arrow map (one at a time): key -> radio label.
+SIDE_MAPS = {"errors": "errors", "truth": "ground truth", "adf": "virtual ADF", "bf": "virtual BF",
+             "com": "|CoM|"}
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -213,7 +216,7 @@ def _maps(run_id: int, g: dict, cell: float | None, images: dict | None, point) 
     def truth_panel() -> None:
         fig = class_map_figure(g["true_label"], title="Ground truth", base=base, opacity=alpha, base_name=base_name)
         add_region_outline(fig, region)
-        fig.update_layout(height=MAP_H + 40, legend=legend)
+        fig.update_layout(height=MAP_H, legend=legend)
         st.plotly_chart(fig, config=png_config(f"truth_{scan['name']}"), key="em_truth")
 
     def errors_panel() -> None:
@@ -221,35 +224,43 @@ def _maps(run_id: int, g: dict, cell: float | None, images: dict | None, point) 
         fig = scalar_map_figure(err, title="Errors (1 = wrong)", colorscale=[[0, "#f5f5f5"], [1, "#c62828"]],
                                 zmin=0, zmax=1, colorbar_title="error")
         add_region_outline(fig, region)
-        fig.update_layout(height=MAP_H + 40)
+        fig.update_layout(height=MAP_H)
         st.plotly_chart(fig, config=png_config(f"errors_{tag}"), key="em_err")
 
-    def image_panel() -> None:
-        opts = [k for k in ("adf", "bf") if k in images] + (["com"] if {"com_y", "com_x"} <= set(images) else [])
-        which = st.selectbox("Virtual image", opts, key="em_vimg",
-                             format_func={"adf": "annular dark field", "bf": "bright field",
-                                          "com": "centre-of-mass shift |CoM|"}.get)
+    def image_panel(which: str) -> None:
         if which == "com":
             img, label, title = np.hypot(images["com_y"], images["com_x"]), "px", "Virtual image: |CoM| shift"
         else:
             img, label, title = images[which], "", f"Virtual image: {which.upper()}"
         fig = image_figure(img, title=title, colorbar_title=label, colorscale="Viridis" if which == "com" else "Gray")
         add_region_outline(fig, region, color="red")
-        fig.update_layout(height=MAP_H - 20)
+        fig.update_layout(height=MAP_H)
         st.plotly_chart(fig, config=png_config(f"virtual_{which}_{scan['name']}"), key="em_vimg_fig")
 
-    panels = [arrows_panel]
+    # Beside the arrows: one map at a time (errors, ground truth or a virtual image), chosen with a radio. Each
+    # Plotly chart costs the browser a roughly fixed amount of drawing (Streamlit draws it two or three times),
+    # so the page draws four maps at first load, not six (issue 16: every page in < 2 s).
+    side = {}
     if bool(scan["has_ground_truth"]) and (g["true_label"] >= 0).any():
-        panels += [truth_panel]
         if np.isfinite(np.where(mask, g["error"], np.nan)).any():
-            panels += [errors_panel]
+            side["errors"] = errors_panel
+        side["truth"] = truth_panel
     if images:
-        panels += [image_panel]
-    for i in range(0, len(panels), 2):
-        cols = st.columns(2)
-        for col, panel in zip(cols, panels[i : i + 2]):
-            with col:
-                panel()
+        for k in ("adf", "bf"):
+            if k in images:
+                side[k] = lambda k=k: image_panel(k)
+        if {"com_y", "com_x"} <= set(images):
+            side["com"] = lambda: image_panel("com")
+    left, right = st.columns(2)
+    with left:
+        arrows_panel()
+    if side:
+        if st.session_state.get("em_side") not in side:  # e.g. "truth" kept from a scan with ground truth
+            st.session_state["em_side"] = next(iter(side))
+        with right:
+            which = st.radio("Map beside the arrows", list(side), horizontal=True, key="em_side",
+                             format_func=SIDE_MAPS.get, label_visibility="collapsed")
+            side[which]()
     if not bool(scan["has_ground_truth"]) or not (g["true_label"] >= 0).any():
         st.info("This scan has no ground truth: no truth or error maps; see the confidence map.")
 

@@ -8,6 +8,7 @@ outside the data directory are refused; a failed ingest leaves the database as i
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -123,9 +124,20 @@ def test_error_maps_render_all_maps(store_info):
                           "tab": "periodic"})
     assert not _problems(at)
     charts = at.get("plotly_chart")
-    assert len(charts) >= 7  # class, confidence, arrows, truth, errors, spectrum, unit cell
+    assert len(charts) >= 6  # class, confidence, arrows, errors (one map beside the arrows), spectrum, unit cell
     labels = [m.label for m in at.metric]
     assert "Error period [scan px]" in labels and "Lattice period [scan px]" in labels
+    # beside the arrows, one map at a time: the errors first, then the ground truth or a virtual image
+    side = at.radio(key="em_side")
+    assert side.options[:2] == ["errors", "ground truth"] and side.value == "errors"
+
+    def titles() -> set[str]:
+        return {(json.loads(c.proto.spec)["layout"].get("title") or {}).get("text") for c in at.get("plotly_chart")}
+
+    assert "Errors (1 = wrong)" in titles() and "Ground truth" not in titles()
+    side.set_value("truth").run()
+    assert not _problems(at)
+    assert "Ground truth" in titles() and "Errors (1 = wrong)" not in titles()
 
 
 def test_defects_page_with_mask(store_info):

@@ -332,7 +332,11 @@ def test_virtual_adf_under_the_maps(info):
     assert pred["data"][1]["opacity"] == pytest.approx(0.55)
     arrows = charts["Polarization per unit cell over the virtual ADF"]
     np.testing.assert_allclose(_arr(arrows["data"][0]["z"]), info.images["adf"], rtol=1e-6)
-    assert "Virtual image: ADF" in charts
+    assert "Errors (1 = wrong)" in charts  # beside the arrows by default; a virtual image on demand
+    at.radio(key="em_side").set_value("adf").run()
+    assert "Virtual image: ADF" in _charts(at) and "Errors (1 = wrong)" not in _charts(at)
+    at.radio(key="em_side").set_value("com").run()
+    assert "Virtual image: |CoM| shift" in _charts(at)
     # more structure, less class colour; then the bright field; then the classes alone
     at.slider(key="em_alpha").set_value(0.2).run()
     pred = _charts(at)["Predicted class \u2014 drag a box to set the region"]

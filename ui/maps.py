@@ -1,8 +1,9 @@
 """Interactive scan maps: box select -> region filter, click on a probe position -> its pattern.
 
 Plotly box selection on a heatmap returns the rectangle (``selection.box``) but no points, and clicking a
-heatmap cell returns nothing. :func:`add_click_grid` lays an invisible WebGL scatter with one point per probe
-position (subsampled for large scans) over the map so that clicks return a point; :func:`selection_to_region`
+heatmap cell returns nothing. :func:`add_click_grid` lays an invisible scatter with one point per probe
+position (subsampled for large scans; SVG text points without text for small grids, WebGL beyond) over the
+map so that clicks return a point; :func:`selection_to_region`
 turns a box into an inclusive scan-pixel rectangle. Every figure made after this module is imported uses
 :data:`FAST_TEMPLATE` (Streamlit's template plus cheaper tick labels, :func:`_fast_template`).
 
@@ -38,6 +39,9 @@ PNG_CONFIG: dict = {
     "toImageButtonOptions": {"format": "png", "filename": "polbench", "scale": 2},
 }
 
+
+#: Largest click grid (points) drawn as an SVG text scatter; larger ones are WebGL (:func:`add_click_grid`).
+SVG_GRID_MAX = 4096
 
 #: Name of the Plotly template layered over Streamlit's on every figure of the dashboard (:func:`_fast_template`).
 FAST_TEMPLATE = "polbench_fast"
@@ -84,8 +88,15 @@ def png_config(filename: str) -> dict:
     return {**PNG_CONFIG, "toImageButtonOptions": {**PNG_CONFIG["toImageButtonOptions"], "filename": safe}}
 
 
-def add_click_grid(fig: go.Figure, ny: int, nx: int, *, max_points: int = 40000) -> go.Figure:
+def add_click_grid(fig: go.Figure, ny: int, nx: int, *, max_points: int = 40000,
+                   max_svg_points: int = SVG_GRID_MAX) -> go.Figure:
     """Add an invisible scatter point on every probe position (every ``s``-th one for large scans).
+
+    Up to ``max_svg_points`` positions the points are an SVG scatter in ``mode="text"`` with empty texts:
+    Plotly hovers and selects them (a click returns the position) but draws nothing for them, which costs the
+    browser far less than a WebGL scatter (a WebGL context and its shaders per chart, about a quarter of a
+    second in headless Chromium for the demo's 40 x 40 scans) or SVG markers (one styled path per point).
+    Larger grids use the WebGL scatter, whose cost does not grow with the number of points.
 
     Parameters
     ----------
@@ -93,20 +104,22 @@ def add_click_grid(fig: go.Figure, ny: int, nx: int, *, max_points: int = 40000)
     ny, nx : scan size [positions].
     max_points : more positions than this are decimated by a common stride ``s`` (clicks then hit the
         nearest grid point).
+    max_svg_points : the largest grid drawn as the SVG text scatter.
     """
     stride = max(1, math.ceil(math.sqrt(ny * nx / max_points)))
     iy, ix = np.mgrid[0:ny:stride, 0:nx:stride]
+    common = dict(x=ix.ravel(), y=iy.ravel(), name="probe positions", showlegend=False,
+                  hovertemplate="iy=%{y}, ix=%{x}<extra>click: pattern</extra>")
+    if iy.size <= max_svg_points:
+        fig.add_trace(go.Scatter(mode="text", text=[""] * iy.size, **common))
+        return fig
     fig.add_trace(
         go.Scattergl(
-            x=ix.ravel(),
-            y=iy.ravel(),
             mode="markers",
-            name="probe positions",
-            showlegend=False,
             marker=dict(size=max(4, 8 * stride), color="rgba(0,0,0,0)"),
             selected=dict(marker=dict(opacity=0)),
             unselected=dict(marker=dict(opacity=0)),
-            hovertemplate="iy=%{y}, ix=%{x}<extra>click: pattern</extra>",
+            **common,
         )
     )
     return fig
