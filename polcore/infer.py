@@ -173,33 +173,34 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         return apply_geometry(batch, pos, applied["geometry"])
 
     blas_one = _blas_one_thread()
-    virt_lock = threading.Lock()
+    t_lock = threading.Lock()
 
     def prepare(pos, batch, corrected: bool = False):
-        """The model-independent work on one batch (geometry, preprocessing, CoM, virtual-detector sums): reads
-        the fitted state only, writes nothing shared, so the stage thread may run it ahead of the models."""
-        nonlocal t_read, virt
+        """The geometry and the preprocessing of one batch: reads the fitted state only, writes nothing shared,
+        so the stage thread may run it ahead of the models."""
+        nonlocal t_read
         t1 = time.perf_counter()
         if not corrected:
             batch = correct(pos, batch)
-        Xs = [pre.transform(batch) for pre in pres]
-        flat = pos[:, 0] * nx + pos[:, 1]
-        with virt_lock:
-            if virt is None:  # virtual detectors on the geometry-corrected raw batch, about the fitted disc
-                from polcore.virtual import VirtualImages
-
-                virt = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
-        prepared = (flat, Xs, com_magnitude(Xs[0]), virt.sums(batch))
-        with virt_lock:
+        prepared = (pos[:, 0] * nx + pos[:, 1], batch, [pre.transform(batch) for pre in pres])
+        with t_lock:
             t_read += time.perf_counter() - t1
         return prepared
 
     def consume(prepared):
-        """Store one prepared batch and run every model on it (this thread)."""
-        nonlocal done
-        flat, Xs, com_b, vsums = prepared
-        com[flat] = com_b
-        virt.put(flat, vsums)
+        """The CoM and virtual detectors of one prepared batch, then every model on it (this thread). With the
+        stage thread the work splits three ways: reading (reader), resampling (stage), the rest (here)."""
+        nonlocal done, virt, t_read
+        flat, batch, Xs = prepared
+        t1 = time.perf_counter()
+        if virt is None:  # virtual detectors on the geometry-corrected raw batch, about the fitted disc
+            from polcore.virtual import VirtualImages
+
+            virt = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
+        com[flat] = com_magnitude(Xs[0])
+        virt.add(flat, batch)
+        with t_lock:
+            t_read += time.perf_counter() - t1
         sel = keep[flat]
         if sel.any():
             sample_idx.append(flat[sel])
