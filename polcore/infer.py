@@ -310,7 +310,8 @@ def _overlap_default(models) -> bool:
     one core and leave the other to the reader and the stage: PCA+kNN 1.0-1.4x faster end to end). The networks'
     ONNX Runtime / torch kernels already keep both cores busy (1.96 cores used by the model alone), so a stage
     thread beside them only moves the same work around: measured on a 256 x 256 scan with the thickness
-    experts, e2e/model 0.68-0.71 with it against 0.67-0.68 without, also with the stage at nice 19."""
+    experts, e2e/model 0.68-0.71 with it (0.68-0.77 with the stage at nice 19, which starves on a busy machine)
+    against 0.67-0.68 without, four rounds each: within the noise."""
     return not any(getattr(m, "is_torch", False) for m in models)
 
 
