@@ -133,8 +133,8 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     geometry_overrides : user values for the estimate (ignored when ``geometry`` is given).
     refine : refine an estimated, trusted rotation with the first model (:func:`polcore.refine.refine_rotation`:
         the angle within 2 deg at which the model is surest); file and user values are never changed.
-    overlap : prepare the next batch (geometry, resampling, CoM, virtual sums) in a stage thread while the
-        models run on this one; None = :func:`_overlap_default` (measured: where it wins). Same results either way.
+    overlap : prepare the next batch (geometry, resampling) in a stage thread while the models run on this one;
+        None = :func:`_overlap_default` (measured: where it wins). Same results either way.
     on_batch : optional ``on_batch(flat, preds)`` after each batch: ``flat`` (n,) flat scan indices
         (``iy * nx + ix``) of the batch and ``preds`` one (n,) int8 class array per model, in ``models`` order
         (progressive maps; an exception raised there stops the pass, like one raised in ``progress``).
@@ -259,7 +259,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         return (pos, None, prepare(pos, batch)) if ready else (pos, batch, None)
 
     # the reader thread reads and decompresses the next batches; with ``overlap`` a stage thread prepares them
-    # (geometry, resampling, CoM, virtual sums) while this thread runs the models on the previous one
+    # (geometry, resampling) while this thread computes CoM and virtual detectors and runs the models
     overlap = _overlap_default(models) if overlap is None else bool(overlap)
     with blas_one():  # numpy's BLAS on one thread for the whole pass (see _blas_one_thread)
         with _Prefetch(scan.iter_batches(batch_size)) as reader, \
@@ -307,7 +307,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
 
 def _overlap_default(models) -> bool:
     """Whether the stage thread pays: yes when no model is a torch network (PCA+kNN and the CoM baseline run on
-    one core and leave the other to the reader and the stage: PCA+kNN 1.0-1.4x faster end to end). The networks'
+    one core and leave the other to the reader and the stage: PCA+kNN 1.05-1.2x faster end to end, interleaved). The networks'
     ONNX Runtime / torch kernels already keep both cores busy (1.96 cores used by the model alone), so a stage
     thread beside them only moves the same work around: measured on a 256 x 256 scan with the thickness
     experts, e2e/model 0.68-0.71 with it (0.68-0.77 with the stage at nice 19, which starves on a busy machine)

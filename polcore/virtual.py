@@ -131,34 +131,19 @@ class VirtualImages:
 
     def add(self, flat_indices, raw_batch) -> None:
         """Add one batch: ``flat_indices`` (n,) scan positions ``iy * nx + ix``, ``raw_batch`` (n, ky, kx)."""
-        n = np.asarray(flat_indices).size
-        if np.ndim(raw_batch) != 3 or np.shape(raw_batch)[0] != n:
-            raise ValueError(f"batch must be (n, {self.sig_shape[0]}, {self.sig_shape[1]}) with n = {n} "
-                             f"positions, got shape {np.shape(raw_batch)}")
-        self.put(flat_indices, self.sums(raw_batch))
-
-    def sums(self, raw_batch) -> np.ndarray:
-        """The five per-pattern sums of one batch (n, ky, kx) as float64 (n, 5), stored by :meth:`put`. Reads no
-        state but the detectors, so another thread may compute them while this one stores earlier batches."""
-        b = np.asarray(raw_batch)
-        if b.ndim != 3 or tuple(b.shape[1:]) != self.sig_shape:
-            raise ValueError(f"batch must be (n, {self.sig_shape[0]}, {self.sig_shape[1]}), got shape {b.shape}")
-        flat = b.reshape(b.shape[0], -1)
-        if flat.dtype != np.float32:
-            flat = flat.astype(np.float32)
-        return (flat @ self._w32).astype(np.float64)
-
-    def put(self, flat_indices, sums) -> None:
-        """Store :meth:`sums` of one batch at ``flat_indices`` (n,) scan positions ``iy * nx + ix``."""
         idx = np.asarray(flat_indices, dtype=np.intp).ravel()
-        s = np.asarray(sums, np.float64)
-        if s.shape != (idx.size, 5):
-            raise ValueError(f"sums must be (n, 5) with n = {idx.size} positions, got shape {s.shape}")
+        b = np.asarray(raw_batch)
+        if b.ndim != 3 or b.shape[0] != idx.size or tuple(b.shape[1:]) != self.sig_shape:
+            raise ValueError(f"batch must be (n, {self.sig_shape[0]}, {self.sig_shape[1]}) with n = {idx.size} "
+                             f"positions, got shape {b.shape}")
         if idx.size == 0:
             return
         if idx.min() < 0 or idx.max() >= self._sums.shape[0]:
             raise ValueError(f"flat indices out of the {self.nav_shape[0]}x{self.nav_shape[1]} scan")
-        self._sums[idx] = s
+        flat = b.reshape(idx.size, -1)
+        if flat.dtype != np.float32:
+            flat = flat.astype(np.float32)
+        self._sums[idx] = (flat @ self._w32).astype(np.float64)
         self._seen[idx] = True
 
     @property
