@@ -434,7 +434,7 @@ class Preprocessor:
         if plan["crop"] is not None:
             (i0, j0), s = plan["crop"], self.size
             return minmax(xc[:, i0 : i0 + s, j0 : j0 + s])
-        wx = plan["weights"][1]
+        wx = plan["col_weights"]
         h, w = xc.shape[1:]
         y = (xc.reshape(n * h, w) @ wx.T).reshape(n, h, self.size)  # columns: one GEMM for the whole batch
         out = np.empty((n, self.size, self.size), np.float32)
@@ -452,7 +452,7 @@ class Preprocessor:
         if key in cache:
             return cache[key]
         rows, cols, zoom = self._source_coords(ky, kx)
-        plan: dict = {"crop": None, "weights": None, "hot": None}
+        plan: dict = {"crop": None, "col_weights": None, "row_bands": None, "hot": None}
         r0, c0 = rows[0], cols[0]
         exact = abs(zoom - 1.0) < 1e-9 and abs(r0 - round(r0)) < 1e-6 and abs(c0 - round(c0)) < 1e-6
         r0, c0 = int(round(r0)), int(round(c0))
@@ -464,8 +464,8 @@ class Preprocessor:
         else:
             b = int(zoom) if zoom >= 2.0 else 1  # downsampling: area-average by an integer factor first (anti-aliasing)
             (ry, wy), (rx, wx) = _axis_weights(rows, ky, b), _axis_weights(cols, kx, b)
-            plan["region"], plan["weights"] = (ry, rx), (wy, wx)
-            plan["row_bands"] = _bands(wy, ROW_BAND)
+            plan["region"], plan["col_weights"] = (ry, rx), wx
+            plan["row_bands"] = _bands(wy, ROW_BAND)  # the rows per band of output rows (see transform)
         if hot is not None:
             (ra, re), (ca, ce) = plan["region"]
             local = np.asarray(hot, int) - np.array([ra, ca])
