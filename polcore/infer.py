@@ -103,7 +103,7 @@ def _groups(models, preprocessor) -> tuple[list, list[int]]:
 def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, preprocessor=None,
                       fit_patterns: int = 4096, embed_sample: int = 2000, seed: int = 0, geometry=None,
                       geometry_overrides: dict | None = None, on_batch=None,
-                      refine: bool = True, overlap: bool | None = None) -> list[ScanPrediction]:
+                      refine: bool = True, workers: int | None = None) -> list[ScanPrediction]:
     """Run several models over one scan in ONE pass over the file.
 
     Models whose preprocessing settings agree (target sampling, convergence, size) share one preprocessor;
@@ -133,8 +133,9 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     geometry_overrides : user values for the estimate (ignored when ``geometry`` is given).
     refine : refine an estimated, trusted rotation with the first model (:func:`polcore.refine.refine_rotation`:
         the angle within 2 deg at which the model is surest); file and user values are never changed.
-    overlap : prepare the next batch (geometry, resampling) in a stage thread while the models run on this one;
-        None = :func:`_overlap_default` (measured: where it wins). Same results either way.
+    workers : threads that each take whole batches (geometry, resampling, CoM, virtual detectors, every model);
+        None = :func:`_workers_default`. The same results with any number (up to float rounding of the torch
+        kernels, which run on the cores divided by the workers).
     on_batch : optional ``on_batch(flat, preds)`` after each batch: ``flat`` (n,) flat scan indices
         (``iy * nx + ix``) of the batch and ``preds`` one (n,) int8 class array per model, in ``models`` order
         (progressive maps; an exception raised there stops the pass, like one raised in ``progress``).
@@ -173,63 +174,67 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         return apply_geometry(batch, pos, applied["geometry"])
 
     blas_one = _blas_one_thread()
-    t_lock = threading.Lock()
 
     def prepare(pos, batch, corrected: bool = False):
-        """The geometry and the preprocessing of one batch: reads the fitted state only, writes nothing shared,
-        so the stage thread may run it ahead of the models."""
-        nonlocal t_read
+        """Geometry, preprocessing, CoM and virtual detectors of one batch. Reads the fitted state and writes only
+        this batch's rows of the shared maps, so workers may run it on different batches at once."""
+        nonlocal virt
         t1 = time.perf_counter()
         if not corrected:
             batch = correct(pos, batch)
-        prepared = (pos[:, 0] * nx + pos[:, 1], batch, [pre.transform(batch) for pre in pres])
-        with t_lock:
-            t_read += time.perf_counter() - t1
-        return prepared
-
-    def consume(prepared):
-        """The CoM and virtual detectors of one prepared batch, then every model on it (this thread). With the
-        stage thread the work splits three ways: reading (reader), resampling (stage), the rest (here)."""
-        nonlocal done, virt, t_read
-        flat, batch, Xs = prepared
-        t1 = time.perf_counter()
+        flat = pos[:, 0] * nx + pos[:, 1]
+        Xs = [pre.transform(batch) for pre in pres]
         if virt is None:  # virtual detectors on the geometry-corrected raw batch, about the fitted disc
             from polcore.virtual import VirtualImages
 
-            virt = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
+            made = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
+            with made_lock:
+                virt = made if virt is None else virt
         com[flat] = com_magnitude(Xs[0])
         virt.add(flat, batch)
-        with t_lock:
-            t_read += time.perf_counter() - t1
+        return flat, Xs, time.perf_counter() - t1
+
+    def work(pos, batch, corrected: bool = False):
+        """One batch on a worker: :func:`prepare`, then every model on it. Returns what :func:`collect` keeps."""
+        flat, Xs, t_prep = prepare(pos, batch, corrected)
         sel = keep[flat]
-        if sel.any():
-            sample_idx.append(flat[sel])
-            n_s = int(sel.sum())
-            inputs.append(Xs[0][sel].reshape(n_s, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(n_s, -1))
+        inp = Xs[0][sel].reshape(-1, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(int(sel.sum()), -1) if sel.any() else None
+        secs, feats = [], []
         for m, (model, o) in enumerate(zip(models, outs)):
             t2 = time.perf_counter()
             pred, proba, emb = model.infer(Xs[group_of[m]])
-            seconds[m] += time.perf_counter() - t2
+            secs.append(time.perf_counter() - t2)
             o["pred"][flat] = pred
             o["probs"][flat] = proba
-            if sel.any():
-                o["feats"].append(np.asarray(emb, np.float32)[sel])
+            feats.append(np.asarray(emb, np.float32)[sel] if inp is not None else None)
+        return flat, t_prep, secs, sel, inp, feats
+
+    def collect(result):
+        """On the calling thread, in batch order: the feature subsample, timings, ``on_batch`` and progress."""
+        nonlocal done, t_read
+        flat, t_prep, secs, sel, inp, feats = result
+        t_read += t_prep
+        seconds[:] += secs
+        if inp is not None:
+            sample_idx.append(flat[sel])
+            inputs.append(inp)
+            for o, f in zip(outs, feats):
+                o["feats"].append(f)
         done += len(flat)
         if on_batch is not None:
             on_batch(flat, [o["pred"][flat] for o in outs])
         if progress is not None:
             progress(done / n_total, f"{done}/{n_total} patterns x {len(models)} model(s)")
 
-    def run(pos, batch, corrected: bool = False):
-        consume(prepare(pos, batch, corrected))
-
+    made_lock = threading.Lock()
     meta = getattr(scan, "meta", None)
     if preprocessor is not None and applied is None:
         applied = _as_applied(Geometry(notes=("a fitted preprocessor was given: no geometry applied",)))
     pending = [] if applied is None or preprocessor is None else None  # batches held until the fits
     n_pending = 0
+    n_workers = _workers_default(models) if workers is None else max(1, int(workers))
 
-    def flush():
+    def flush(pool):
         nonlocal applied, hot
         first = np.concatenate([b for _, b in pending])
         hot = find_hot_pixels(first.mean(axis=0, dtype=np.float64))
@@ -249,36 +254,24 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         if preprocessor is None:
             _fit_all(pres, fixed, meta)
         for p, b in fixed:
-            run(p, b, corrected=True)
+            pool.submit(p, b, True)
 
-    ready = pending is None  # the fitted state (geometry, preprocessors, detectors) is known
-
-    def stage(item):
-        """On the stage thread: prepare batches once the fits are done; earlier ones pass through raw."""
-        pos, batch = item
-        return (pos, None, prepare(pos, batch)) if ready else (pos, batch, None)
-
-    # the reader thread reads and decompresses the next batches; with ``overlap`` a stage thread prepares them
-    # (geometry, resampling) while this thread computes CoM and virtual detectors and runs the models
-    overlap = _overlap_default(models) if overlap is None else bool(overlap)
-    with blas_one():  # numpy's BLAS on one thread for the whole pass (see _blas_one_thread)
-        with _Prefetch(scan.iter_batches(batch_size)) as reader, \
-                (_Prefetch(reader, fn=stage) if overlap else contextlib.nullcontext(map(stage, reader))) as items:
-            for pos, batch, prepared in items:
-                if prepared is not None:
-                    consume(prepared)
-                    continue
-                if pending is None:
-                    run(pos, batch)
-                    continue
-                pending.append((pos, np.asarray(batch)))
-                n_pending += len(pos)
-                if n_pending >= fit_patterns:
-                    flush()
-                    pending = None
-                    ready = True
+    # the reader thread reads and decompresses the next batches; the workers each take a whole batch (geometry,
+    # resampling, CoM, virtual detectors, every model) while this thread hands them out and collects in order
+    with blas_one(), _torch_threads(models, n_workers), _Prefetch(scan.iter_batches(batch_size)) as reader, \
+            _Workers(n_workers, work, collect) as pool:
+        for pos, batch in reader:
+            if pending is None:
+                pool.submit(pos, batch)
+                continue
+            pending.append((pos, np.asarray(batch)))
+            n_pending += len(pos)
+            if n_pending >= fit_patterns:
+                flush(pool)
+                pending = None
         if pending:
-            flush()
+            flush(pool)
+        pool.drain()
     wall = time.perf_counter() - t0
     if done != n_total:
         raise RuntimeError(f"scan yielded {done} patterns, expected {n_total}")
@@ -305,14 +298,85 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     return results
 
 
-def _overlap_default(models) -> bool:
-    """Whether the stage thread pays: yes when no model is a torch network (PCA+kNN and the CoM baseline run on
-    one core and leave the other to the reader and the stage: PCA+kNN 1.05-1.2x faster end to end, interleaved). The networks'
-    ONNX Runtime / torch kernels already keep both cores busy (1.96 cores used by the model alone), so a stage
-    thread beside them only moves the same work around: measured on a 256 x 256 scan with the thickness
-    experts, e2e/model 0.68-0.71 with it (0.68-0.77 with the stage at nice 19, which starves on a busy machine)
-    against 0.67-0.68 without, four rounds each: within the noise."""
-    return not any(getattr(m, "is_torch", False) for m in models)
+#: Worker threads of a pass on the CPU at most (each takes whole batches; the reader is one more thread).
+MAX_WORKERS = 2
+
+
+def _workers_default(models) -> int:
+    """Worker threads of a pass: one per core up to :data:`MAX_WORKERS`, one when a model runs on a GPU.
+
+    Why whole batches per worker rather than one model using every core: on this 2-core machine the default
+    model (thickness experts) ran at 6,000 patterns/s with one ONNX Runtime session on 2 threads and at
+    7,900/s as two single-thread sessions on alternate batches (the gate, the head and the numpy steps between
+    the kernels run on one core, so one batch's numpy fills the other batch's gaps), and the resampling,
+    CoM and virtual detectors of a batch then run beside the other worker's model instead of in series
+    with it. Each worker's torch / ONNX Runtime threads are the cores divided by the workers
+    (:func:`_torch_threads`)."""
+    if any(_device_of(m) != "cpu" for m in models):
+        return 1
+    try:
+        import os
+
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        import os
+
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
+
+
+@contextlib.contextmanager
+def _torch_threads(models, workers: int):
+    """torch's intra-op threads (and so each ONNX Runtime session built in the pass) at the cores divided by
+    the workers while a pass runs, restored after; nothing without torch models or with one worker."""
+    if workers <= 1 or not any(getattr(m, "is_torch", False) for m in models):
+        yield
+        return
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(max(1, n // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class _Workers:
+    """Run ``fn(*args)`` for each submitted batch on ``n`` threads and hand each result to ``collect`` on the
+    calling thread, in submission order. The first batch runs on the calling thread before any worker starts
+    (it builds each model's runner once, not once per worker); at most ``n + 1`` batches wait for collection,
+    so memory stays bounded. Leaving the block cancels the batches not started and waits for the running ones
+    (an error or a cancel then leaves no worker writing)."""
+
+    def __init__(self, n: int, fn, collect):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._n, self._fn, self._collect = int(n), fn, collect
+        self._pool = ThreadPoolExecutor(self._n, thread_name_prefix="polbench-batch") if self._n > 1 else None
+        self._queue = deque()
+        self._warm = False
+
+    def submit(self, *args) -> None:
+        if self._pool is None or not self._warm:
+            self._collect(self._fn(*args))
+            self._warm = True
+            return
+        self._queue.append(self._pool.submit(self._fn, *args))
+        while len(self._queue) > self._n + 1 or (self._queue and self._queue[0].done()):
+            self._collect(self._queue.popleft().result())
+
+    def drain(self) -> None:
+        while self._queue:
+            self._collect(self._queue.popleft().result())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _blas_one_thread():

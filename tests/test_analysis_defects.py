@@ -147,3 +147,16 @@ def test_candidate_regions_empty_and_min_size():
     df = candidate_regions(s, min_size=4, quantile=0.9)
     assert isinstance(df, pd.DataFrame) and len(df) == 1
     assert df.loc[0, ["y0", "y1", "x0", "x1", "n_px"]].tolist() == [20, 23, 10, 14, 20]
+
+
+def test_average_ranks_match_scipy():
+    """The numpy ranks (ties share their average rank) equal scipy.stats.rankdata's, ties and all."""
+    from scipy import stats
+
+    from polcore.analysis.defects import average_ranks
+
+    rng = np.random.default_rng(3)
+    for v in (rng.normal(size=200), rng.integers(0, 7, size=300).astype(float), np.array([2.0]), np.zeros(5),
+              np.array([3.0, 1.0, 3.0, -np.inf, 1.0])):
+        np.testing.assert_array_equal(average_ranks(v), stats.rankdata(v, method="average"))
+    assert average_ranks(np.zeros(0)).shape == (0,)

@@ -242,7 +242,10 @@ class TorchModel:
         self.history_: list[dict] = []
         self.best_epoch_: int | None = None
         self.backend = "auto"
-        self._runner: tuple | None = None  # (fingerprint, backend asked, runner or None)
+        # ORT sessions fix their thread count when built: one runner per torch thread count in use, each
+        # (fingerprint, backend asked, runner or None); ``_last`` is the one the most recent call used
+        self._runner: dict[int, tuple] = {}
+        self._last: object | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -259,12 +262,12 @@ class TorchModel:
     def to(self, device) -> TorchModel:
         self.device = torch.device(device)
         self.net.to(self.device)
-        self._runner = None
+        self._runner, self._last = {}, None
         return self
 
     def __getstate__(self) -> dict:  # copies and pickles leave the runner behind (an ONNX session is neither)
         d = self.__dict__.copy()
-        d["_runner"] = None
+        d["_runner"], d["_last"] = {}, None
         return d
 
     @property
@@ -280,13 +283,13 @@ class TorchModel:
             raise ValueError("inference backend 'onnxruntime' needs the packages onnxruntime and onnx "
                              "(pip install onnxruntime onnx); 'auto' falls back to PyTorch without them")
         self._backend = value
-        self._runner = None
+        self._runner, self._last = {}, None
 
     @property
     def active_backend(self) -> str:
         """The backend the most recent large ``infer`` call used ('eager' on CUDA or before any)."""
-        r = self._runner
-        return r[2].name if r is not None and r[2] is not None else "eager"
+        r = self.__dict__.get("_last")
+        return r.name if r is not None else "eager"
 
     def _fast_features(self, x: np.ndarray):
         """The fast CPU runner for this call (built or reused), or None for eager PyTorch."""
@@ -295,10 +298,13 @@ class TorchModel:
         fp = _fingerprint(self.net)
         if fp is None:
             return None
-        if self._runner is not None:
-            if self._runner[0] == fp and self._runner[1] == self.backend:
-                return self._runner[2]
-            self._runner = None  # built from other weights (or for another backend): stale
+        threads = torch.get_num_threads()  # an ONNX Runtime session keeps the count it was built with
+        got = self._runner.get(threads)
+        if got is not None:
+            if got[0] == fp and got[1] == self.backend:
+                self._last = got[2]
+                return got[2]
+            self._runner, self._last = {}, None  # built from other weights (or for another backend): stale
         if self.backend == "auto" and x.shape[0] < FAST_MIN_PATTERNS:
             return None
         kinds = {"auto": ("onnxruntime", "channels_last") if onnxruntime_available() else ("channels_last",),
@@ -324,7 +330,8 @@ class TorchModel:
         if runner is None and self.backend != "auto":
             raise RuntimeError(f"{self}: inference backend {self.backend!r} failed (see the log)")
         log.info("%s: inference backend %s", self, runner.name if runner is not None else "eager")
-        self._runner = (fp, self.backend, runner)
+        self._runner[threads] = (fp, self.backend, runner)
+        self._last = runner
         return runner
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
