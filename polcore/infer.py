@@ -143,7 +143,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
     The preprocessors are fitted on the geometry-corrected patterns, so their centre fit sees each disc where
     the geometry put it.
     """
-    from polcore.preprocess import _repair, com_magnitude, find_hot_pixels
+    from polcore.preprocess import _repair, block_mean, com_magnitude, find_hot_pixels
 
     if not models:
         raise ValueError("no models given")
@@ -190,7 +190,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
             made = VirtualImages.from_preprocessor(pres[0], (ny, nx), np.shape(batch)[1:])
             with made_lock:
                 virt = made if virt is None else virt
-        com[flat] = com_magnitude(Xs[0])
+        com[flat] = com_magnitude(Xs[0], exact=False)
         virt.add(flat, batch)
         return flat, Xs, time.perf_counter() - t1
 
@@ -198,7 +198,7 @@ def predict_scan_many(scan, models, *, batch_size: int = 256, progress=None, pre
         """One batch on a worker: :func:`prepare`, then every model on it. Returns what :func:`collect` keeps."""
         flat, Xs, t_prep = prepare(pos, batch, corrected)
         sel = keep[flat]
-        inp = Xs[0][sel].reshape(-1, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(int(sel.sum()), -1) if sel.any() else None
+        inp = block_mean(Xs[0][sel], 4).reshape(int(sel.sum()), -1) if sel.any() else None
         secs, feats = [], []
         for m, (model, o) in enumerate(zip(models, outs)):
             t2 = time.perf_counter()

@@ -174,3 +174,17 @@ def test_augmenter_ops_each_apply():
     for op in only:
         out = Augmenter(np.random.default_rng(3), **{**only, op: 1.0})(x)
         assert np.abs(out - x).max() > 1e-3, op
+
+
+def test_fast_com_and_block_mean_agree_with_the_plain_forms():
+    """The scan pass's float32 forms: CoM shifts from one matrix product, block means by column sums."""
+    from polcore.preprocess import block_mean
+
+    rng = np.random.default_rng(5)
+    x = rng.random((7, 64, 64), dtype=np.float32) ** 4
+    x[3] = 0.0  # an empty pattern: no shift
+    np.testing.assert_allclose(com_magnitude(x, exact=False), com_magnitude(x), rtol=0, atol=1e-4)
+    assert com_magnitude(x, exact=False)[3] == 0.0
+    np.testing.assert_allclose(block_mean(x, 4), x.reshape(7, 16, 4, 16, 4).mean((2, 4)), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="multiple of 5"):
+        block_mean(x, 5)

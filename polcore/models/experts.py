@@ -55,12 +55,13 @@ GATE_BIN = 16
 def gate_features(X: np.ndarray, emb: np.ndarray) -> np.ndarray:
     """(n, d + GATE_BIN**2) float32: the general network's embedding and the input pattern averaged to
     GATE_BIN x GATE_BIN pixels (the side must be a multiple of GATE_BIN)."""
+    from polcore.preprocess import block_mean
+
     X = np.asarray(X, np.float32)
     n, k = X.shape[0], X.shape[-1]
     if k % GATE_BIN:
         raise ValueError(f"the thickness gate needs a pattern side that is a multiple of {GATE_BIN}, got {k}")
-    f = k // GATE_BIN
-    small = X.reshape(n, GATE_BIN, f, GATE_BIN, f).mean((2, 4)).reshape(n, -1)
+    small = block_mean(X, k // GATE_BIN).reshape(n, -1)
     return np.hstack([np.asarray(emb, np.float32), small])
 
 
