@@ -325,21 +325,32 @@ def _workers_default(models) -> int:
     return max(1, min(MAX_WORKERS, cores))
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_HELD = [0, None]  # passes inside _torch_threads now, the thread count to restore when the last leaves
+
+
 @contextlib.contextmanager
 def _torch_threads(models, workers: int):
     """torch's intra-op threads (and so each ONNX Runtime session built in the pass) at the cores divided by
-    the workers while a pass runs, restored after; nothing without torch models or with one worker."""
+    the workers while a pass runs, restored when the last pass of the process leaves (two uploads at once must
+    not leave torch on one thread); nothing without torch models or with one worker."""
     if workers <= 1 or not any(getattr(m, "is_torch", False) for m in models):
         yield
         return
     import torch
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(max(1, n // workers))
+    with _THREADS_LOCK:
+        if _THREADS_HELD[0] == 0:
+            _THREADS_HELD[1] = torch.get_num_threads()
+            torch.set_num_threads(max(1, _THREADS_HELD[1] // workers))
+        _THREADS_HELD[0] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        with _THREADS_LOCK:
+            _THREADS_HELD[0] -= 1
+            if _THREADS_HELD[0] == 0:
+                torch.set_num_threads(_THREADS_HELD[1])
 
 
 class _Workers:

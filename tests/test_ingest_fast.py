@@ -99,3 +99,26 @@ def test_rotation_is_the_same_from_every_fourth_centre(default_library, flip):
     assert g4.confidence["flip"] == g1.confidence["flip"]
     assert g4.confidence["descan"] == g1.confidence["descan"] == "low"
     assert g4.details["disc_radius_px"] == pytest.approx(g1.details["disc_radius_px"], abs=0.1)
+
+
+def test_torch_threads_are_restored_when_the_last_pass_leaves():
+    """Two passes overlapping in one process (two uploads): torch runs on the cores / workers while either is
+    inside, and on its own count again only when both have left, whatever order they leave in."""
+    import torch
+
+    from polcore.infer import _torch_threads
+
+    class Net:
+        is_torch = True
+
+    n = torch.get_num_threads()
+    a, b = _torch_threads([Net()], 2), _torch_threads([Net()], 2)
+    a.__enter__()
+    b.__enter__()
+    assert torch.get_num_threads() == max(1, n // 2)
+    a.__exit__(None, None, None)
+    assert torch.get_num_threads() == max(1, n // 2)
+    b.__exit__(None, None, None)
+    assert torch.get_num_threads() == n
+    with _torch_threads([object()], 2):  # no torch model: nothing changes
+        assert torch.get_num_threads() == n
