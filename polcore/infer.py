@@ -303,7 +303,8 @@ MAX_WORKERS = 2
 
 
 def _workers_default(models) -> int:
-    """Worker threads of a pass: one per core up to :data:`MAX_WORKERS`, one when a model runs on a GPU.
+    """Worker threads of a pass: one per core up to :data:`MAX_WORKERS`; one when a model runs on a GPU or
+    prefers all cores on one batch (``batch_parallel`` False: ResNet, VGG).
 
     Why whole batches per worker rather than one model using every core: on this 2-core machine the default
     model (thickness experts) ran at 6,000 patterns/s with one ONNX Runtime session on 2 threads and at
@@ -312,7 +313,7 @@ def _workers_default(models) -> int:
     CoM and virtual detectors of a batch then run beside the other worker's model instead of in series
     with it. Each worker's torch / ONNX Runtime threads are the cores divided by the workers
     (:func:`_torch_threads`)."""
-    if any(_device_of(m) != "cpu" for m in models):
+    if any(_device_of(m) != "cpu" or not getattr(m, "batch_parallel", True) for m in models):
         return 1
     try:
         import os

@@ -122,3 +122,25 @@ def test_torch_threads_are_restored_when_the_last_pass_leaves():
     assert torch.get_num_threads() == n
     with _torch_threads([object()], 2):  # no torch model: nothing changes
         assert torch.get_num_threads() == n
+
+
+def test_workers_default_follows_the_models():
+    """Whole batches side by side for the custom CNN and numpy models; one batch on every core as soon as a
+    pass holds a ResNet / VGG (they measured slower side by side) or a GPU model."""
+    import os
+
+    from polcore.infer import _workers_default
+    from polcore.models import build_model
+
+    cores = min(2, len(os.sched_getaffinity(0)))
+    cnn = build_model("custom_cnn", "cls", device="cpu", arch="binned")
+    res = build_model("resnet", "cls", device="cpu")
+    pca = build_model("pca_knn")
+    assert cnn.batch_parallel and not res.batch_parallel
+    assert _workers_default([cnn, pca]) == cores
+    assert _workers_default([cnn, res, pca]) == 1
+
+    class OnGpu:
+        device = "cuda"
+
+    assert _workers_default([pca, OnGpu()]) == 1

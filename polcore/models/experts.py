@@ -100,6 +100,7 @@ class ThicknessExperts:
 
     is_torch = True
     family = "custom_cnn"
+    batch_parallel = True  # custom CNN members (see TorchModel.batch_parallel)
 
     def __init__(self, members: dict, bands: list[dict], gate: dict, min_weight: float = 1e-3):
         if "general" not in members:

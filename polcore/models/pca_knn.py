@@ -82,6 +82,7 @@ class PCAKNNModel:
 
     is_torch = False
     family = "pca_knn"
+    batch_parallel = True  # numpy only: batches run side by side on the pass's workers
     head = "cls"
 
     def __init__(self, n_components: int = 20, n_neighbors: int = 5, random_state: int = 0, input_size: int = 64):
