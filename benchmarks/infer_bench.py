@@ -6,8 +6,9 @@ FLOP bound, in one run (ratios survive a busy machine; absolute rates do not).
 
    - ``predict_scan``: patterns/s of the whole loop (read, preprocess, model, collect) with a fitted
      preprocessor (no geometry estimate: that is section 3's business);
-   - ``model``: the model alone (``model.infer`` on the preprocessed patterns, the route ``predict_scan`` uses),
-     and ``e2e/model`` = ``predict_scan`` / ``model`` (what the loop costs on top of the model);
+   - ``model``: the model alone (``model.infer`` on the preprocessed patterns, the route ``predict_scan`` uses,
+     on the pass's worker threads), and ``e2e/model`` = ``predict_scan`` / ``model`` (what the loop costs on top
+     of the model);
    - ``net(x)``: plain eager PyTorch (``net(x)`` under ``torch.no_grad()``, nothing else);
    - one column per inference backend (``polcore.models.base.BACKENDS``: eager, channels_last, onnxruntime
      when installed; ``model.infer`` with the head and the numpy outputs), ``best`` and ``best/net(x)``;
@@ -115,12 +116,28 @@ def _make(label: str, pre):
     return model
 
 
-def _infer_rate(model, X: np.ndarray, batch: int) -> float:
-    """Patterns/s of ``model.infer`` over ``X`` in batches of ``batch``."""
-    t = time.perf_counter()
-    for i in range(0, len(X), batch):
-        model.infer(X[i : i + batch], batch_size=batch)
-    return len(X) / (time.perf_counter() - t)
+def _infer_rate(model, X: np.ndarray, batch: int, workers: int | None = None) -> float:
+    """Patterns/s of ``model.infer`` over ``X`` in batches of ``batch``, laid out as ``predict_scan`` runs it:
+    on the pass's workers (``polcore.infer._workers_default``: whole batches side by side, torch's threads
+    shared out) with numpy's BLAS on one thread; ``workers=1``: one batch after the other on every core. A
+    polcore without workers (the baseline revision) runs one batch after the other."""
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import polcore.infer as inf
+
+    blas = getattr(inf, "_blas_one_thread", lambda: contextlib.nullcontext)()
+    if not hasattr(inf, "_workers_default"):
+        workers = 1
+    elif workers is None:
+        workers = inf._workers_default([model])
+    threads = inf._torch_threads([model], workers) if workers > 1 else contextlib.nullcontext()
+    chunks = [X[i : i + batch] for i in range(0, len(X), batch)]
+    with blas(), threads, ThreadPoolExecutor(workers) as pool:
+        model.infer(chunks[0], batch_size=batch)  # the runner for this thread count
+        t = time.perf_counter()
+        list(pool.map(lambda x: model.infer(x, batch_size=batch), chunks))
+        return len(X) / (time.perf_counter() - t)
 
 
 def _eager_rate(torch, net, X: np.ndarray, batch: int) -> float:
@@ -221,7 +238,7 @@ def sweep(scan_path: Path, batch_sizes, threads, n_model: int) -> list[dict]:
             model.backend = model.backend  # rebuild the runner with this many threads
             for bs in batch_sizes:
                 model.infer(X[: max(bs, 256)], batch_size=bs)
-                r = _infer_rate(model, X, bs)
+                r = _infer_rate(model, X, bs, workers=1)
                 out.append(dict(threads=th, batch=bs, pps=r, backend=model.active_backend))
     finally:
         torch.set_num_threads(before)
@@ -265,33 +282,11 @@ def big_child(scan_path: str, db: str, out_json: str) -> None:
     X = np.concatenate([pre.transform(b) for b in batches])
     del batches
 
-    def one_rate() -> float:  # one batch after the other, the model's kernels on every core
-        model.infer(X[:256])
-        t = time.perf_counter()
-        for i in range(0, len(X), 256):
-            model.infer(X[i : i + 256])
-        return len(X) / (time.perf_counter() - t)
-
-    def workers_rate() -> float:  # as the pass runs it: whole batches on the pass's workers
-        from concurrent.futures import ThreadPoolExecutor
-
-        from polcore.infer import _torch_threads, _workers_default
-
-        w = _workers_default([model])
-        with _torch_threads([model], w), ThreadPoolExecutor(w) as pool:
-            model.infer(X[:256])
-            t = time.perf_counter()
-            list(pool.map(model.infer, [X[i : i + 256] for i in range(0, len(X), 256)]))
-            return len(X) / (time.perf_counter() - t)
-
     def model_rate() -> float:
-        """The model alone at its best: the faster of the two layouts (each the median of 3 runs), with numpy's
-        BLAS on one thread as in the pass (its idle threads spin against the model's kernels otherwise)."""
-        from polcore.infer import _blas_one_thread
-
-        with _blas_one_thread()():
-            one = float(np.median([one_rate() for _ in range(3)]))
-            workers = float(np.median([workers_rate() for _ in range(3)]))
+        """The model alone at its best: the faster of one batch at a time on every core and the pass's workers
+        (each the median of 3 runs), numpy's BLAS on one thread as in the pass."""
+        one = float(np.median([_infer_rate(model, X, 256, workers=1) for _ in range(3)]))
+        workers = float(np.median([_infer_rate(model, X, 256) for _ in range(3)]))
         layouts.append((one, workers))
         return max(one, workers)
 
