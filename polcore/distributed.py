@@ -48,7 +48,7 @@ import numpy as np
 from polcore.io.base import Scan
 from polcore.types import N_CLASSES
 
-__all__ = ["FIT_PATTERNS", "BLOCK_PATTERNS", "LOCAL", "connect", "dask_executor", "n_workers", "predict_file",
+__all__ = ["FIT_PATTERNS", "BLOCK_PATTERNS", "TASK_WORKERS", "LOCAL", "connect", "dask_executor", "n_workers", "predict_file",
            "predict_block", "predict_blocks", "fit_pass", "row_blocks", "RowBlockScan", "load_model_cached",
            "simulate_draw", "build_draws_distributed"]
 
@@ -61,6 +61,9 @@ FIT_PATTERNS = 4096
 BLOCK_PATTERNS = 8192
 #: The address that means "a LocalCluster on this machine".
 LOCAL = "local"
+#: Worker threads of the pass inside one Dask task: the cluster already runs one task per worker thread, so a
+#: task does not spread its batches over further threads (``polcore.infer._workers_default``).
+TASK_WORKERS = 1
 
 
 # ------------------------------------------------------------------------------------------------ cluster
@@ -168,7 +171,7 @@ def predict_file(path, model_paths, *, batch_size: int = 256, fit_patterns: int 
     scan = open_scan(Path(path))
     models = [load_model_cached(p) for p in model_paths]
     return predict_scan_many(scan, models, batch_size=batch_size, fit_patterns=fit_patterns,
-                             geometry_overrides=geometry_overrides or None)
+                             geometry_overrides=geometry_overrides or None, workers=TASK_WORKERS)
 
 
 class RowBlockScan(Scan):
@@ -244,7 +247,7 @@ def predict_block(path, model_paths, y0: int, y1: int, fitted: list[dict], group
         members = [m for m, gm in enumerate(group_of) if gm == g]
         res = predict_scan_many(data, [models[m] for m in members], batch_size=batch_size,
                                 preprocessor=Preprocessor.from_dict(d), geometry=Geometry(),
-                                embed_sample=embed_sample, seed=seed)
+                                embed_sample=embed_sample, seed=seed, workers=TASK_WORKERS)
         if g == 0:  # the pass keeps the CoM and the binned inputs of the first group's preprocessing
             com, inputs = res[0].com, res[0].inputs
         for m, r in zip(members, res):
