@@ -262,7 +262,8 @@ class PCAKNNModel:
                     cost[r] = (time.perf_counter() - t0) / len(out[-1])
                     done += len(out[-1])
         f["batches"] += 1
-        f["route"] = min(cost, key=cost.get)
+        snap = dict(cost)  # a copy: a scan pass's workers may time another batch meanwhile
+        f["route"] = min(snap, key=snap.get)
         if done < len(z):
             t0 = time.perf_counter()
             out.append(self._search(f["route"], z[done:]))
