@@ -4,7 +4,9 @@ Each part is wrapped to add its own thread's CPU time (``time.thread_time``): th
 inflating), the resampling (``Preprocessor.transform``), the virtual detectors (``VirtualImages.add``) and the
 model's calls (``model.infer``). Beside them: the process's CPU time, the wall-clock rate, and the cores' capacity
 at that rate (2 cores x wall time). The same model alone (``benchmarks.infer_bench._infer_rate``, laid out as the
-pass runs it) gives the model's own cost outside the pass. From these numbers:
+pass runs it) gives the model's own cost outside the pass. The model's share counts the calling thread only: with
+two workers each ONNX Runtime session runs on its caller (one thread), so it is the whole of it; with one worker
+the session's second thread is in the process total but not in "model". From these numbers:
 
     end-to-end / model-only <= model / (model + everything else)
 
@@ -15,6 +17,7 @@ Usage::
     python -m benchmarks.pass_cpu                                   # shipped base CNN, composed 64 x 64 scan
     python -m benchmarks.pass_cpu --model pca_knn/lib20nm --runs 5
     python -m benchmarks.pass_cpu --scan S.h5                       # an existing scan
+    python -m benchmarks.pass_cpu --model resnet/resnet18 --workers 1,2   # one batch on all cores vs two side by side
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 
-def measure(scan_path: Path, label: str, runs: int) -> None:
+def measure(scan_path: Path, label: str, runs: int, workers=(None,)) -> None:
     import polcore.infer as inf
     from benchmarks.infer_bench import _infer_rate, _make
     from polcore.io import open_scan
@@ -66,16 +69,17 @@ def measure(scan_path: Path, label: str, runs: int) -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     print(f"{label} on {scan_path.name} ({n} patterns), {cores} cores; core-us per pattern:")
     try:
-        for i in range(runs + 1):  # the first pass builds the runners for the pass's thread count: not printed
+        for i, w in enumerate([w for _ in range(runs + 1) for w in workers]):
+            if i < len(workers):  # the first passes build the runners for each thread count: not printed
+                inf.predict_scan_many(scan, [model], preprocessor=pre, embed_sample=256, workers=w)
+                continue
             parts.clear()
             c0, t0 = time.process_time(), time.perf_counter()
-            inf.predict_scan_many(scan, [model], preprocessor=pre, embed_sample=256)
+            inf.predict_scan_many(scan, [model], preprocessor=pre, embed_sample=256, workers=w)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             time.sleep(0.1)  # the reader thread's last CPU time is added as it ends
             rest = sum(v for k, v in parts.items() if k != "model")
-            if i == 0:
-                continue
-            print(f"  pass {n / wall:7.0f} patterns/s: process {cpu / n * 1e6:4.0f} of {cores * wall / n * 1e6:4.0f} "
+            print(f"  pass ({'default' if w is None else w} workers) {n / wall:7.0f} patterns/s: process {cpu / n * 1e6:4.0f} of {cores * wall / n * 1e6:4.0f} "
                   f"capacity; " + ", ".join(f"{k} {v / n * 1e6:.1f}" for k, v in sorted(parts.items()))
                   + f"; all but the model {rest / n * 1e6:.0f}")
     finally:
@@ -95,10 +99,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="custom_cnn/binned*", help="a benchmarks.infer_bench case")
     ap.add_argument("--scan", type=Path, help="an existing scan (default: compose 64 x 64 x 128 x 128)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workers", default="", help="comma-separated worker counts to alternate (default: the "
+                    "pass's own choice), e.g. 1,2: the layouts side by side in one run")
     args = ap.parse_args(argv)
+    workers = tuple(int(v) for v in args.workers.split(",") if v.strip()) or (None,)
     with tempfile.TemporaryDirectory() as tmp:
         scan = args.scan or _compose(Path(tmp) / "scan.h5", 64, 128)
-        measure(scan, args.model, args.runs)
+        measure(scan, args.model, args.runs, workers)
     return 0
 
 

@@ -261,8 +261,9 @@ class TorchModel:
         """Whether a scan pass runs this model on several batches at once, each on a share of the cores
         (``polcore.infer._workers_default``), rather than one batch on every core. Measured on 2 cores
         (``predict_scan``, the same scan and run): the custom CNN gains or holds (thickness experts 6,000 ->
-        7,900 patterns/s alone, study architecture 1,803 -> 1,843); ResNet-18 and VGG-11-BN lose (577 -> 491,
-        157 -> 130: two batches' activations at once overflow the caches), so they keep all cores on one."""
+        7,900 patterns/s alone, study architecture 1,803 -> 1,843); ResNet-18 and VGG-11-BN lose
+        (``benchmarks/pass_cpu.py --workers 1,2``: 580 -> 543, 156 -> 141: two batches' activations at once
+        overflow the caches), so they keep all cores on one."""
         return self.family == "custom_cnn"
 
     def n_parameters(self) -> int:
