@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import threading
 import time
@@ -66,7 +65,7 @@ def measure(scan_path: Path, label: str, runs: int, workers=(None,)) -> None:
     Preprocessor.transform = timed("resampling", saved[0])
     VirtualImages.add = timed("virtual detectors", saved[1])
     inf._Prefetch._produce = timed("reader (read + inflate)", saved[2])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = inf._cores()
     print(f"{label} on {scan_path.name} ({n} patterns), {cores} cores; core-us per pattern:")
     try:
         for i, w in enumerate([w for _ in range(runs + 1) for w in workers]):

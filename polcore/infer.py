@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -315,15 +316,12 @@ def _workers_default(models) -> int:
     (:func:`_torch_threads`)."""
     if any(_device_of(m) != "cpu" or not getattr(m, "batch_parallel", True) for m in models):
         return 1
-    try:
-        import os
+    return max(1, min(MAX_WORKERS, _cores()))
 
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        import os
 
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores))
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one, else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 _THREADS_LOCK = threading.Lock()
@@ -566,11 +564,10 @@ class _Prefetch:
 
     _END = object()
 
-    def __init__(self, batches, depth: int = 2, fn=None):
+    def __init__(self, batches, depth: int = 2):
         import queue
 
         self._batches = batches
-        self._fn = fn
         self._q = queue.Queue(maxsize=max(1, int(depth)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="polbench-prefetch", daemon=True)
@@ -590,8 +587,6 @@ class _Prefetch:
         it = iter(self._batches)
         try:
             for item in it:
-                if self._fn is not None:
-                    item = self._fn(item)
                 if not self._put((None, item)):
                     break
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
